@@ -1,0 +1,20 @@
+"""tasprune: prune CNNs to a FLOP budget by Transformable Architecture Search."""
+
+__version__ = "0.1.0"
+
+from tasprune.flops import count_flops, count_params, layer_table  # noqa: E402
+from tasprune.models import build_model, create_model, list_models  # noqa: E402
+from tasprune.shape import Shape, paper_shape, paper_shape_names  # noqa: E402
+
+__all__ = [
+    "Shape",
+    "__version__",
+    "build_model",
+    "count_flops",
+    "count_params",
+    "create_model",
+    "layer_table",
+    "list_models",
+    "paper_shape",
+    "paper_shape_names",
+]

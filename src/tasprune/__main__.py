@@ -1,0 +1,5 @@
+import sys
+
+from tasprune.cli import main
+
+sys.exit(main())

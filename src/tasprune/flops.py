@@ -1,0 +1,176 @@
+"""FLOPs and parameters of a ResNet-family network, as pure functions.
+
+Convention (the TAS paper's and its code's): FLOPs are multiply-accumulates of
+every convolution and linear layer. A conv counts `c_in * c_out * k * k * H_out
+* W_out` (no bias); the linear classifier counts `in * out + out`. BatchNorm,
+ReLU, pooling and residual additions are not counted. Params count every
+learnable tensor: conv and linear weights, linear bias, BatchNorm weight and bias.
+
+One walk over the network (`_layers`) serves two purposes:
+
+* exact counts of a `Shape`: widths are ints, every kept block counts once;
+* the differentiable *expected* cost used by the search: each width is a
+  `WidthDist` (candidate widths and their probabilities, tensors) and each
+  block is weighted by the probability that its stage keeps it.
+
+Products of two widths use `E[a*b] = E[a] * E[b]` (slots are sampled
+independently); a stride-1 projection shortcut exists only when the block's
+input and output widths differ, so its expected cost is `E[a*b*(a != b)]`.
+With one-hot distributions the expected cost equals the exact count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tasprune.families import Skeleton
+from tasprune.shape import Shape
+
+Number = int | float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class WidthDist:
+    """A distribution over the width of one tensor: candidate `values`, `probs`."""
+
+    values: torch.Tensor
+    probs: torch.Tensor
+
+    def mean(self) -> torch.Tensor:
+        return (self.values * self.probs).sum()
+
+    @staticmethod
+    def mixture(parts: Sequence[WidthDist], weights: torch.Tensor) -> WidthDist:
+        return WidthDist(
+            values=torch.cat([p.values for p in parts]),
+            probs=torch.cat([w * p.probs for p, w in zip(parts, weights, strict=True)]),
+        )
+
+
+Width = int | WidthDist
+
+
+@dataclass(frozen=True)
+class DepthDist:
+    """A distribution over how many blocks a stage keeps: `choices` (ints), `probs`."""
+
+    choices: tuple[int, ...]
+    probs: torch.Tensor
+
+    def keep_prob(self, block: int) -> torch.Tensor:
+        """P(block `block` (0-based) is kept) = sum of probs of choices > block."""
+        mask = torch.tensor([d > block for d in self.choices], device=self.probs.device)
+        return (self.probs * mask).sum()
+
+
+Depth = int | DepthDist
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One counted layer: name as in the built module, sizes, FLOPs and params."""
+
+    name: str
+    kind: str  # "conv" or "linear"
+    in_channels: Number
+    out_channels: Number
+    kernel: int
+    out_res: int
+    flops: Number
+    params: Number
+
+
+def _mean(w: Width) -> Number:
+    return w if isinstance(w, int) else w.mean()
+
+
+def _product_if_differ(a: Width, b: Width) -> Number:
+    """E[a * b * (a != b)] for independent a and b (exact for ints)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a * b if a != b else 0
+    da, db = (_as_dist(w, ref) for w, ref in ((a, b), (b, a)))
+    same = (da.values[:, None] == db.values[None, :]).to(da.probs.dtype)
+    both = da.probs[:, None] * db.probs[None, :] * da.values[:, None] ** 2
+    return da.mean() * db.mean() - (same * both).sum()
+
+
+def _as_dist(w: Width, ref: Width) -> WidthDist:
+    if isinstance(w, WidthDist):
+        return w
+    assert isinstance(ref, WidthDist)
+    return WidthDist(values=ref.values.new_tensor([float(w)]), probs=ref.probs.new_ones(1))
+
+
+def _layers(skel: Skeleton, widths: Sequence[Width], depths: Sequence[Depth]) -> Iterator[Layer]:
+    """Every counted layer, FLOPs and params already weighted by the keep probability."""
+
+    def conv(name: str, cin: Width, cout: Width, k: int, res: int, weight: Number = 1,
+             bn: bool = True, cross: Number | None = None) -> Layer:
+        # `cross` replaces E[cin*cout] where the layer's existence depends on the widths
+        macs = _mean(cin) * _mean(cout) if cross is None else cross
+        params = macs * k * k + (2 * _mean(cout) if bn else 0)
+        return Layer(name, "conv", _mean(cin), _mean(cout), k, res,
+                     weight * macs * k * k * res * res, weight * params)
+
+    yield conv("conv1", skel.in_channels, widths[0], skel.stem.kernel, skel.stem.out_res)
+    x: Width = widths[0]
+    for s, stage in enumerate(skel.stages):
+        depth = depths[s]
+        stage_outs: list[Width] = []
+        for blk in stage:
+            if isinstance(depth, int):
+                if blk.index >= depth:
+                    break
+                keep: Number = 1
+            else:
+                keep = depth.keep_prob(blk.index)
+            prefix = f"layer{s + 1}.{blk.index}"
+            cin = x
+            for j, c in enumerate(blk.convs):
+                cout = widths[c.slot]
+                yield conv(f"{prefix}.conv{j + 1}", cin, cout, c.kernel, c.out_res, keep)
+                cin = cout
+            name = f"{prefix}.downsample.conv"
+            if blk.stride > 1:
+                yield conv(name, x, cin, 1, blk.out_res, keep, bn=blk.shortcut_bn)
+            else:
+                differ = _product_if_differ(x, cin)
+                if not (isinstance(differ, int) and differ == 0):
+                    yield conv(name, x, cin, 1, blk.out_res, keep, cross=differ)
+            x = cin
+            stage_outs.append(x)
+        if isinstance(depth, DepthDist):
+            # the next stage sees the last kept block's output, whichever depth is chosen
+            parts = [stage_outs[d - 1] for d in depth.choices]
+            if not all(isinstance(p, WidthDist) for p in parts):
+                raise TypeError("a depth distribution needs width distributions for every slot")
+            x = WidthDist.mixture(parts, depth.probs)  # type: ignore[arg-type]
+    macs = _mean(x) * skel.num_classes + skel.num_classes
+    yield Layer("fc", "linear", _mean(x), skel.num_classes, 1, 1, macs, macs)
+
+
+def layer_table(shape: Shape) -> list[Layer]:
+    """Per-layer exact FLOPs and params of the network a Shape describes."""
+    return list(_layers(shape.skeleton, shape.widths, shape.blocks))
+
+
+def count_flops(shape: Shape) -> int:
+    """Exact multiply-accumulates of conv and linear layers (see module docstring)."""
+    return int(sum(layer.flops for layer in layer_table(shape)))
+
+
+def count_params(shape: Shape) -> int:
+    """Exact learnable parameters (conv/linear weights, linear bias, BN affine)."""
+    return int(sum(layer.params for layer in layer_table(shape)))
+
+
+def expected_flops(
+    skel: Skeleton, widths: Sequence[WidthDist], depths: Sequence[DepthDist]
+) -> torch.Tensor:
+    """Differentiable expected FLOPs under independent width and depth distributions."""
+    total = sum(layer.flops for layer in _layers(skel, widths, depths))
+    assert isinstance(total, torch.Tensor)
+    return total

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from tasprune.cli import build_parser, main
+from tasprune.shape import PAPER_SHAPES_DIR, Shape
+
+
+def test_flops_json_for_name(capsys):
+    assert main(["flops", "resnet56", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["flops"] == 125_747_850 and isinstance(out["params"], int)
+
+
+def test_flops_table(capsys):
+    assert main(["flops", "resnet20", "--classes", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "layer3.2.conv2" in out and "fc" in out and "FLOPs (MACs): 40," in out
+
+
+def test_flops_of_files(tmp_path, capsys):
+    cfg = PAPER_SHAPES_DIR / "C010-ResNet110.config"
+    assert main(["flops", str(cfg), "--json"]) == 0
+    by_path = json.loads(capsys.readouterr().out)
+    assert main(["flops", "C010-ResNet110", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops"] == by_path["flops"]
+    Shape.full("resnet8", in_channels=1, resolution=28).save(tmp_path / "shape.json")
+    assert main(["flops", str(tmp_path / "shape.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["in_channels"] == 1
+
+
+@pytest.mark.parametrize("target, message", [
+    ("resnet999", "unknown model"),
+    ("missing/shape.json", "no such file"),
+])
+def test_flops_errors_exit_2(target, message, capsys):
+    assert main(["flops", target]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_flops_unreadable_file(tmp_path, capsys):
+    (tmp_path / "x.json").write_text("[1, 2")
+    assert main(["flops", str(tmp_path / "x.json")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert p.description, name

@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+
+from conftest import hook_flops
+from tasprune import Shape, build_model, count_flops, count_params, paper_shape, paper_shape_names
+from tasprune.shape import PAPER_SHAPES_DIR
+
+
+def test_full_shape_fields():
+    s = Shape.full("resnet20")
+    assert (s.family, s.block, s.depths, s.blocks) == ("cifar_resnet", "basic", (3, 3, 3),
+                                                       (3, 3, 3))
+    assert len(s.widths) == 19 and s.widths[0] == 16 and s.widths[-1] == 64
+    assert s.is_full
+    b = Shape.full("resnet50")
+    assert b.widths[1:4] == (64, 64, 256) and b.num_classes == 1000 and b.resolution == 224
+
+
+def test_json_roundtrip(tmp_path):
+    s = Shape.full("resnet8", num_classes=3, in_channels=1, resolution=28)
+    s = s.replace(widths=(5,) + s.widths[1:], blocks=(1, 1, 1))
+    s.save(tmp_path / "shape.json")
+    loaded = Shape.load(tmp_path / "shape.json")
+    assert loaded == s
+    assert json.loads((tmp_path / "shape.json").read_text())["format"] == "tasprune.shape"
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"widths": (16,) * 3}, "Shape.widths"),
+        ({"widths": (17,) + Shape.full("resnet8").widths[1:]}, "Shape.widths[0]"),
+        ({"widths": (0,) + Shape.full("resnet8").widths[1:]}, "Shape.widths[0]"),
+        ({"blocks": (1, 1)}, "Shape.blocks"),
+        ({"blocks": (2, 1, 1)}, "Shape.blocks[0]"),
+        ({"family": "vgg"}, "Shape.family"),
+        ({"block": "dense"}, "Shape.block"),
+        ({"num_classes": 0}, "Shape.num_classes"),
+        ({"widths": "16"}, "Shape.widths"),
+    ],
+)
+def test_validation_names_the_field(change, field):
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        Shape.full("resnet8").replace(**change)
+
+
+def test_load_rejects_unknown_fields_and_bad_json(tmp_path):
+    data = Shape.full("resnet8").to_dict() | {"depth": 3}
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="unknown shape field"):
+        Shape.load(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text("{not json")
+    with pytest.raises(ValueError, match="b.json: not valid JSON"):
+        Shape.load(tmp_path / "b.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        Shape.load(tmp_path / "missing.json")
+
+
+def test_all_twelve_paper_shapes_load_build_and_count():
+    names = paper_shape_names()
+    assert len(names) == 12
+    for name in names:
+        shape = paper_shape(name)
+        model = build_model(shape)
+        res = 64 if shape.family == "imagenet_resnet" else shape.resolution
+        small = shape.replace(resolution=res)  # forward at a CPU-friendly size
+        x = torch.randn(1, 3, res, res)
+        assert model(x).shape == (1, shape.num_classes)
+        assert count_flops(small) == hook_flops(build_model(small), x), name
+        assert count_params(shape) == sum(p.numel() for p in model.parameters())
+
+
+def test_paper_shape_fields():
+    s = paper_shape("C010-ResNet20")
+    assert s.blocks == (3, 3, 3) and s.widths[:3] == (16, 6, 4) and s.num_classes == 10
+    r50 = paper_shape("ImageNet-ResNet50V1")
+    assert r50.blocks == (3, 4, 5, 3) and r50.block == "bottleneck"
+    # the paper reports ~2.3 GFLOPs for its ResNet-50 shape
+    assert 2.2e9 < count_flops(r50) < 2.4e9
+
+
+def test_tas_config_roundtrip(tmp_path):
+    for name in ("C100-ResNet164", "ImageNet-ResNet18V1"):
+        s = paper_shape(name)
+        s.to_tas_config(tmp_path / "x.config")
+        again = Shape.from_tas_config(tmp_path / "x.config")
+        assert again == s
+        assert Shape.load(tmp_path / "x.config") == s
+
+
+def test_tas_config_errors(tmp_path):
+    raw = json.loads((PAPER_SHAPES_DIR / "C010-ResNet20.config").read_text())
+    raw["depth"] = ["int", "21"]
+    (tmp_path / "bad.config").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="bad.config: not a valid TAS shape config: depth 21"):
+        Shape.from_tas_config(tmp_path / "bad.config")
+    del raw["xchannels"]
+    (tmp_path / "bad2.config").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="missing key 'xchannels'"):
+        Shape.from_tas_config(tmp_path / "bad2.config")
