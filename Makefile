@@ -9,10 +9,10 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
-	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff check .
 
 lint: setup
-	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff check .
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache
