@@ -129,3 +129,17 @@ class BatchTransform:
             flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x.contiguous()
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """A dataset ready for training: both splits, its size and its transform."""
+
+    name: str
+    train: ImageSource
+    test: ImageSource
+    num_classes: int
+    in_channels: int
+    resolution: int
+    transform: BatchTransform
+    class_names: tuple[str, ...] | None = None
