@@ -4,6 +4,8 @@ Spec forms (`load_data`):
 
     demo                          the Fashion-MNIST subset bundled in the package
     fashion-mnist[:DIR]           IDX files in DIR, else /usr/share/datasets/fashion-mnist
+    cifar10:DIR[,verify=no]       DIR holds cifar-10-batches-py/ (or is it)
+    cifar100:DIR[,verify=no]      DIR holds cifar-100-python/ (or is it)
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasprune.data.cifar import load_cifar
 from tasprune.data.demo import load_demo
 from tasprune.data.fashion_mnist import load_fashion_mnist
 from tasprune.data.integrity import DataError, DataNotFoundError
@@ -26,13 +29,16 @@ from tasprune.data.source import (
 SPEC_FORMS = (
     "demo",
     "fashion-mnist[:DIR]",
+    "cifar10:DIR",
+    "cifar100:DIR",
 )
 DATA_SPEC_HELP = ("dataset: " + ", ".join(SPEC_FORMS)
                   + " (default DIR for fashion-mnist: /usr/share/datasets/fashion-mnist)")
-_ALIASES = {"fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist"}
-_OPTIONS: dict[str, tuple[str, ...]] = {}  # kind -> accepted `,key=value` options
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10",
+            "cifar-100": "cifar100"}
+_OPTIONS = {"cifar10": ("verify",), "cifar100": ("verify",)}  # accepted `,key=value` options
 _OPTION = re.compile(r",\s*([A-Za-z_]+)\s*=\s*([^,]*)$")
-_NEEDS_DIR: frozenset[str] = frozenset()
+_NEEDS_DIR = frozenset({"cifar10", "cifar100"})
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,19 @@ def load_data(spec: str = "demo") -> DataBundle:
         return load_demo()
     if parsed.kind == "fashion-mnist":
         return load_fashion_mnist(parsed.path)
+    if parsed.kind in ("cifar10", "cifar100"):
+        assert parsed.path is not None  # parse_spec requires it
+        return load_cifar(parsed.path, parsed.kind,
+                          verify=_flag(parsed.options.get("verify", "yes"), "verify"))
     raise AssertionError(f"unhandled dataset kind {parsed.kind}")  # parse_spec rejects these
+
+
+def _flag(value: str, key: str) -> bool:
+    if value.lower() in ("1", "yes", "true", "on"):
+        return True
+    if value.lower() in ("0", "no", "false", "off"):
+        return False
+    raise DataError(f"option {key}={value!r}: use yes or no")
 
 
 def describe(bundle: DataBundle) -> dict[str, object]:
@@ -109,6 +127,7 @@ __all__ = [
     "ImageSource",
     "TensorImages",
     "describe",
+    "load_cifar",
     "load_data",
     "load_demo",
     "load_fashion_mnist",
