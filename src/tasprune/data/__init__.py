@@ -6,6 +6,8 @@ Spec forms (`load_data`):
     fashion-mnist[:DIR]           IDX files in DIR, else /usr/share/datasets/fashion-mnist
     cifar10:DIR[,verify=no]       DIR holds cifar-10-batches-py/ (or is it)
     cifar100:DIR[,verify=no]      DIR holds cifar-100-python/ (or is it)
+    folder:DIR[,resolution=N][,workers=N]
+                                  DIR/train/<class>/*.jpg|png and DIR/val/<class>/...
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from tasprune.data.cifar import load_cifar
 from tasprune.data.demo import load_demo
 from tasprune.data.fashion_mnist import load_fashion_mnist
+from tasprune.data.folder import FolderImages, load_folder
 from tasprune.data.integrity import DataError, DataNotFoundError
 from tasprune.data.source import (
     BatchTransform,
@@ -29,16 +32,18 @@ from tasprune.data.source import (
 SPEC_FORMS = (
     "demo",
     "fashion-mnist[:DIR]",
-    "cifar10:DIR",
-    "cifar100:DIR",
+    "cifar10:DIR[,verify=no]",
+    "cifar100:DIR[,verify=no]",
+    "folder:DIR[,resolution=224][,workers=N]",
 )
 DATA_SPEC_HELP = ("dataset: " + ", ".join(SPEC_FORMS)
                   + " (default DIR for fashion-mnist: /usr/share/datasets/fashion-mnist)")
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10",
             "cifar-100": "cifar100"}
-_OPTIONS = {"cifar10": ("verify",), "cifar100": ("verify",)}  # accepted `,key=value` options
+# the `,key=value` options each kind accepts
+_OPTIONS = {"cifar10": ("verify",), "cifar100": ("verify",), "folder": ("resolution", "workers")}
 _OPTION = re.compile(r",\s*([A-Za-z_]+)\s*=\s*([^,]*)$")
-_NEEDS_DIR = frozenset({"cifar10", "cifar100"})
+_NEEDS_DIR = frozenset({"cifar10", "cifar100", "folder"})
 
 
 @dataclass(frozen=True)
@@ -74,22 +79,51 @@ def parse_spec(spec: str) -> DataSpec:
     return DataSpec(kind, path, options)
 
 
-def load_data(spec: str = "demo") -> DataBundle:
+def load_data(spec: str = "demo", *, resolution: int | None = None, workers: int | None = None,
+              quiet: bool = True) -> DataBundle:
     """Load the dataset a `--data` spec names (see the module docstring for the forms).
 
-    Nothing is downloaded; a missing or corrupt dataset raises a `DataError` that says
-    what to do.
+    `resolution` and `workers` apply to folders (the spec's own options win); a
+    fixed-size dataset accepts only its own resolution. Nothing is downloaded; a
+    missing or corrupt dataset raises a `DataError` that says what to do.
     """
     parsed = parse_spec(spec)
-    if parsed.kind == "demo":
-        return load_demo()
-    if parsed.kind == "fashion-mnist":
-        return load_fashion_mnist(parsed.path)
-    if parsed.kind in ("cifar10", "cifar100"):
+    options = parsed.options
+    if parsed.kind == "folder":
         assert parsed.path is not None  # parse_spec requires it
-        return load_cifar(parsed.path, parsed.kind,
-                          verify=_flag(parsed.options.get("verify", "yes"), "verify"))
-    raise AssertionError(f"unhandled dataset kind {parsed.kind}")  # parse_spec rejects these
+        return load_folder(
+            parsed.path, resolution=_count(options.get("resolution"), "resolution", resolution,
+                                           224, minimum=1),
+            workers=_count(options.get("workers"), "workers", workers, None, minimum=0),
+            quiet=quiet)
+    if parsed.kind == "demo":
+        bundle = load_demo()
+    elif parsed.kind == "fashion-mnist":
+        bundle = load_fashion_mnist(parsed.path)
+    elif parsed.kind in ("cifar10", "cifar100"):
+        assert parsed.path is not None
+        bundle = load_cifar(parsed.path, parsed.kind,
+                            verify=_flag(options.get("verify", "yes"), "verify"))
+    else:  # pragma: no cover - parse_spec rejects unknown kinds
+        raise AssertionError(parsed.kind)
+    if resolution is not None and resolution != bundle.resolution:
+        raise DataError(f"{spec}: images are {bundle.resolution}x{bundle.resolution}; a "
+                        f"resolution of {resolution} applies only to folder datasets")
+    return bundle
+
+
+def _count(text: str | None, key: str, given: int | None, default: int | None, minimum: int
+           ) -> int | None:
+    """An integer option: from the spec text, else the keyword argument, else the default."""
+    if text is None:
+        return default if given is None else given
+    try:
+        value = int(text)
+    except ValueError:
+        raise DataError(f"option {key}={text!r}: expected a whole number") from None
+    if value < minimum:
+        raise DataError(f"option {key}={value}: must be at least {minimum}")
+    return value
 
 
 def _flag(value: str, key: str) -> bool:
@@ -124,6 +158,7 @@ __all__ = [
     "DataError",
     "DataNotFoundError",
     "DataSpec",
+    "FolderImages",
     "ImageSource",
     "TensorImages",
     "describe",
@@ -131,6 +166,7 @@ __all__ = [
     "load_data",
     "load_demo",
     "load_fashion_mnist",
+    "load_folder",
     "parse_spec",
     "per_class_split",
 ]
