@@ -1,4 +1,5 @@
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -143,3 +144,20 @@ def test_real_fashion_mnist_from_debian_package():
     x = bundle.train.images.float() / 255
     assert abs(x.mean().item() - 0.2860) < 1e-3 and abs(x.std().item() - 0.3530) < 1e-3
     assert bundle.train.images.shape == (60000, 1, 28, 28)
+
+
+def test_data_info_cli(capsys, tmp_path):
+    from tasprune.cli import main
+
+    assert main(["data", "info", "demo", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["train"], info["test"], info["resolution"]) == (6000, 1000, 28)
+    _write_fmnist(tmp_path / "fm", n_train=30, n_test=20)
+    assert main(["data", "info", f"fashion-mnist:{tmp_path / 'fm'}"]) == 0
+    out = capsys.readouterr().out
+    assert "10 classes, 1x28x28 images" in out and "30 images (3 per class)" in out
+    assert "20 images (2 per class)" in out and "pad-4 random crop" in out
+    assert main(["data", "info", f"cifar10:{tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no such directory" in err and "tasprune data download cifar10" in err
+    assert len(err.strip().splitlines()) == 1

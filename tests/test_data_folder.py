@@ -142,3 +142,13 @@ def test_folder_errors(tmp_path):
         load_data(f"folder:{tmp_path},resolution=big")
     with pytest.raises(DataError, match="applies only to folder datasets"):
         load_data("demo", resolution=32)
+
+
+def test_folder_info_cli(tmp_path, capsys):
+    from tasprune.cli import main
+
+    make_folder(tmp_path)
+    assert main(["data", "info", f"folder:{tmp_path},resolution=32,workers=0"]) == 0
+    out = capsys.readouterr().out
+    assert "3 classes, 3x32x32 images" in out and "random resized crop at decode time" in out
+    assert "classes: bird, cat, dog" in out
