@@ -91,11 +91,10 @@ def load_data(spec: str = "demo", *, resolution: int | None = None, workers: int
     options = parsed.options
     if parsed.kind == "folder":
         assert parsed.path is not None  # parse_spec requires it
-        return load_folder(
-            parsed.path, resolution=_count(options.get("resolution"), "resolution", resolution,
-                                           224, minimum=1),
-            workers=_count(options.get("workers"), "workers", workers, None, minimum=0),
-            quiet=quiet)
+        size = _count(options.get("resolution"), "resolution", resolution, minimum=1)
+        return load_folder(parsed.path, resolution=224 if size is None else size,
+                           workers=_count(options.get("workers"), "workers", workers, minimum=0),
+                           quiet=quiet)
     if parsed.kind == "demo":
         bundle = load_demo()
     elif parsed.kind == "fashion-mnist":
@@ -112,11 +111,10 @@ def load_data(spec: str = "demo", *, resolution: int | None = None, workers: int
     return bundle
 
 
-def _count(text: str | None, key: str, given: int | None, default: int | None, minimum: int
-           ) -> int | None:
-    """An integer option: from the spec text, else the keyword argument, else the default."""
+def _count(text: str | None, key: str, given: int | None, minimum: int) -> int | None:
+    """An integer option: from the spec text, else the keyword argument (None: default)."""
     if text is None:
-        return default if given is None else given
+        return given
     try:
         value = int(text)
     except ValueError:

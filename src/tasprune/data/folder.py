@@ -110,7 +110,8 @@ class FolderImages:
             img = img.resize((r, r), Image.Resampling.BILINEAR, box=box)
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+        # HWC -> CHW in numpy: a torch copy of a small tensor may wake the whole thread pool
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
 
     def batches(
         self,
@@ -149,9 +150,9 @@ class _BatchDecoder(Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
         idx = self.plan[k]
         try:
-            images = torch.stack([
+            images = torch.from_numpy(np.stack([  # numpy: see FolderImages.decode
                 self.source.decode(i, None if self.base is None else _sample_seed(self.base, i))
-                for i in idx.tolist()])
+                .numpy() for i in idx.tolist()]))
         except DataError as exc:  # returned, not raised: a worker's traceback is noise
             return None, None, str(exc)
         return images, self.source.labels[idx], None
