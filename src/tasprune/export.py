@@ -116,8 +116,8 @@ def export_onnx(model: ResNet, path: str | os.PathLike[str]) -> Path:
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
     except ImportError as exc:
-        raise RuntimeError(f"ONNX export needs the onnx and onnxscript packages "
-                           f"(pip install 'tasprune[dev]'): {exc}") from None
+        raise ModuleNotFoundError(f"ONNX export needs the onnx and onnxscript packages "
+                                  f"(pip install 'tasprune[dev]'): {exc}") from None
     atomic_write(path, lambda tmp: program.save(str(tmp)))
     return path
 
