@@ -10,6 +10,7 @@ anything. Training checkpoints (`train.pt`, `best.pt`) load too, with
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -109,15 +110,24 @@ def export_onnx(model: ResNet, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     model = model.eval()
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
     try:
-        program = torch.onnx.export(
-            model, (_example_input(model, 2),), dynamo=True, verbose=False,
-            input_names=["images"], output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-        )
+        # the exporter logs about absent torchvision ops and warns about torch internals;
+        # neither concerns a ResNet
+        onnx_log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(
+                model, (_example_input(model, 2),), dynamo=True, verbose=False,
+                input_names=["images"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            )
     except ImportError as exc:
         raise ModuleNotFoundError(f"ONNX export needs the onnx and onnxscript packages "
                                   f"(pip install 'tasprune[dev]'): {exc}") from None
+    finally:
+        onnx_log.setLevel(level)
     atomic_write(path, lambda tmp: program.save(str(tmp)))
     return path
 
