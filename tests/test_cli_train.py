@@ -12,7 +12,7 @@ from tasprune.cli import main
 @pytest.fixture
 def synthetic_data(monkeypatch):
     data = synthetic_bundle(n_train=48, n_test=24)
-    monkeypatch.setattr(cli, "_load_data", lambda spec: data)
+    monkeypatch.setattr(cli, "_load_data", lambda spec, quiet=True: data)
     return data
 
 
@@ -81,6 +81,6 @@ def test_train_errors_are_one_line(tmp_path, synthetic_data, capsys, args, messa
 
 def test_eval_rejects_a_model_for_other_data(tmp_path, synthetic_data, capsys, monkeypatch):
     assert _train(tmp_path / "run", "--model", "resnet8") == 0
-    monkeypatch.setattr(cli, "_load_data", lambda spec: synthetic_bundle(classes=5))
+    monkeypatch.setattr(cli, "_load_data", lambda spec, quiet=True: synthetic_bundle(classes=5))
     assert main(["eval", str(tmp_path / "run"), "--data", "x", "--no-latency"]) == 2
     assert "3 classes" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasprune import __version__
+from tasprune.data import DATA_SPEC_HELP, DataBundle, load_data
 from tasprune.flops import count_params, layer_table
 from tasprune.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
 
@@ -120,10 +121,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # train ------------------------------------------------------------------------------
-def _load_data(spec: str) -> Any:
-    from tasprune.data import load_data  # the data layer is imported only when needed
-
-    return load_data(spec)
+def _load_data(spec: str, quiet: bool = True) -> DataBundle:
+    return load_data(spec, quiet=quiet)
 
 
 def _train_default(name: str) -> Any:
@@ -149,8 +148,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                       "the unpruned network")
     what.add_argument("--shape", help="shape.json, TAS .config file or published TAS shape "
                       "name: train that pruned network")
-    p.add_argument("--data", required=True, help="dataset: demo, fashion-mnist, "
-                   "cifar10:/path, cifar100:/path or folder:/path")
+    p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
     p.add_argument("--epochs", type=int, required=True, help="training epochs")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     p.add_argument("--teacher", metavar="PATH", help="teacher for KD: a run directory, "
@@ -194,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "kd_temperature": args.kd_temperature, "device": args.device, "amp": args.amp}
     config = TrainConfig(epochs=args.epochs, inherit=args.inherit, quiet=args.quiet,
                          **{k: v for k, v in settings.items() if v is not None})
-    data = _load_data(args.data)
+    data = _load_data(args.data, args.quiet)
     shape = load_target_shape(args.model or args.shape, data.num_classes, data.resolution,
                               data.in_channels)
     teacher = load_pruned(args.teacher) if args.teacher else None
@@ -219,8 +217,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "size). Writes no files.",
     )
     p.add_argument("path", help="run directory, model.safetensors, or train.pt/best.pt")
-    p.add_argument("--data", required=True, help="dataset: demo, fashion-mnist, "
-                   "cifar10:/path, cifar100:/path or folder:/path")
+    p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--device", default="auto", help="device for the accuracy pass (latency "
@@ -240,7 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tasprune.train.trainer import resolve_device
 
     device = resolve_device(args.device)
-    data = _load_data(args.data)
+    data = _load_data(args.data, args.quiet)
     model = load_pruned(args.path, device=device)
     shape = model.shape
     if (shape.num_classes, shape.in_channels) != (data.num_classes, data.in_channels):
@@ -299,6 +296,66 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(str(exc)) from None
     print(f"wrote {out}")
+# data -------------------------------------------------------------------------------
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from tasprune.data.download import REMOTES
+
+    p = sub.add_parser("data", help="describe a dataset, or download one",
+                       description="Describe a dataset (`info`) or download one (`download`).")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    info = actions.add_parser(
+        "info", help="print sizes, classes and input format of a --data spec",
+        description="Load a dataset as training would and print its name, class count, "
+        "image size, train/test sizes per class, normalisation and augmentation. Writes no "
+        "files and downloads nothing.")
+    info.add_argument("spec", help=DATA_SPEC_HELP)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=cmd_data_info)
+    dl = actions.add_parser(
+        "download", help="download CIFAR-10/100 or Fashion-MNIST (needs a network)",
+        description="Download a dataset from its official site (or --mirror) into ROOT, "
+        "checking every file's MD5 sum. Writes ROOT/cifar-10-batches-py/, "
+        "ROOT/cifar-100-python/ or ROOT/fashion-mnist/ (files arrive under temp names and "
+        "are renamed only once verified; CIFAR tarballs are deleted after extraction). "
+        "Does nothing if the verified files are already there. Then use --data NAME:ROOT.")
+    dl.add_argument("name", choices=list(REMOTES), help="dataset to fetch")
+    dl.add_argument("--root", required=True, help="directory to download into (created)")
+    dl.add_argument("--mirror", metavar="URL",
+                    help="base URL serving the same file names instead of the official site")
+    dl.add_argument("--quiet", action="store_true", help="no progress bar")
+    dl.set_defaults(func=cmd_data_download)
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from tasprune.data import describe, load_data
+
+    info = describe(load_data(args.spec, quiet=False))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    size = f"{info['in_channels']}x{info['resolution']}x{info['resolution']}"
+    print(f"{info['name']}: {info['num_classes']} classes, {size} images")
+    for split in ("train", "test"):
+        per_class = info[f"{split}_per_class"]
+        spread = (f"{min(per_class):,} per class" if min(per_class) == max(per_class)
+                  else f"{min(per_class):,} to {max(per_class):,} per class")
+        print(f"{split + ':':<7}{info[split]:>10,} images ({spread})")
+    augment = info["augment"]
+    how = (f"pad-{augment['pad']} random crop" if augment["pad"] else
+           "random resized crop at decode time") + " + horizontal flip"
+    print(f"normalise: mean {tuple(info['mean'])}, std {tuple(info['std'])}; "
+          f"training augmentation: {how}")
+    names = info["class_names"] or []
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    print(f"classes: {shown}")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from tasprune.data.download import download
+
+    target = download(args.name, args.root, mirror=args.mirror, quiet=args.quiet)
+    print(f"{args.name}: ready in {target}; use --data {args.name}:{args.root}")
     return 0
 
 
@@ -310,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tasprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_flops, _add_models, _add_train, _add_eval, _add_export):
+    for add in (_add_flops, _add_models, _add_data, _add_train, _add_eval, _add_export):
         add(sub)
     return parser
 

@@ -1,0 +1,112 @@
+"""Hand-set pruned shapes to compare TAS against, at the same FLOP budget.
+
+* uniform: one width ratio for every conv, found by bisection;
+* l1: a global ranking of the teacher's filters by mean absolute weight (the
+  L1 norm divided by the filter's size, so layers of different fan-in compare),
+  dropping the weakest filters until the FLOP budget is met;
+* random: shapes sampled from the TAS search space, the one closest to the
+  target kept.
+
+Depths stay full for uniform and l1 (they prune channels only). All three
+return a `Shape`; training it (with KD, weight inheritance for l1) is the same
+recipe as for a searched shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from tasprune.flops import count_flops
+from tasprune.shape import Shape
+
+METHODS = ("uniform", "l1", "random")
+
+
+def _check_ratio(full: Shape, flops_ratio: float, floor: Shape) -> int:
+    if not 0 < flops_ratio <= 1:
+        raise ValueError(f"flops ratio must be in (0, 1], got {flops_ratio}")
+    target = flops_ratio * count_flops(full)
+    smallest = count_flops(floor)
+    if smallest > target:
+        raise ValueError(
+            f"flops ratio {flops_ratio} is below the smallest reachable "
+            f"{smallest / count_flops(full):.4f} for this method; use a larger ratio"
+        )
+    return int(target)
+
+
+def _scaled(full: Shape, ratio: float) -> Shape:
+    widths = tuple(max(1, int(round(ratio * w))) for w in full.full_widths)
+    return full.replace(widths=widths, blocks=full.depths)
+
+
+def uniform_shape(full: Shape, flops_ratio: float, tol: float = 1e-4) -> Shape:
+    """Every conv keeps round(r * C) channels; r is the largest with FLOPs <= target."""
+    target = _check_ratio(full, flops_ratio, _scaled(full, 0.0))
+    lo, hi = 0.0, 1.0
+    if count_flops(_scaled(full, hi)) <= target:
+        return _scaled(full, hi)
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if count_flops(_scaled(full, mid)) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return _scaled(full, lo)
+
+
+def _min_widths(full: Shape, min_ratio: float) -> tuple[int, ...]:
+    return tuple(max(1, math.ceil(min_ratio * w)) for w in full.full_widths)
+
+
+def l1_shape(full: Shape, teacher_state: Mapping[str, torch.Tensor], flops_ratio: float,
+             min_ratio: float = 0.1, chunk: float = 0.005) -> Shape:
+    """Global L1-norm ranking: drop the filters with the smallest mean |weight| first.
+
+    `teacher_state` is the state dict of the full network (`build_model(full)`).
+    Each conv keeps at least `min_ratio` of its channels. Filters are removed in
+    chunks of `chunk` of all filters, then one at a time near the target, until
+    the FLOPs are at or below `flops_ratio` of the full network's.
+    """
+    floor = _min_widths(full, min_ratio)
+    target = _check_ratio(full, flops_ratio, full.replace(widths=floor))
+    scores = []  # (score, slot) for every filter
+    for slot, name in enumerate(_slot_weight_names(full)):
+        if name not in teacher_state:
+            raise ValueError(f"teacher state has no {name!r}: not a state dict of "
+                             f"{full.describe()}")
+        weight = teacher_state[name].float()
+        if weight.shape[0] != full.full_widths[slot]:
+            raise ValueError(f"teacher {name} has {weight.shape[0]} filters, the full "
+                             f"network {full.full_widths[slot]}: a checkpoint of another model?")
+        per_filter = weight.abs().flatten(1).mean(1)
+        scores.extend((float(s), slot) for s in per_filter)
+    scores.sort()
+    widths = list(full.full_widths)
+    step = max(1, int(chunk * len(scores)))
+    i = 0
+    flops = count_flops(full)
+    while flops > target and i < len(scores):
+        n = step if flops > 1.05 * target else 1  # coarse steps far from the target
+        taken = 0
+        while taken < n and i < len(scores):
+            _, slot = scores[i]
+            i += 1
+            if widths[slot] > floor[slot]:
+                widths[slot] -= 1
+                taken += 1
+        flops = count_flops(full.replace(widths=tuple(widths)))
+    return full.replace(widths=tuple(widths))
+
+
+def _slot_weight_names(full: Shape) -> list[str]:
+    """State-dict key of the conv weight of every slot of the full network."""
+    names = ["conv1.weight"]
+    for s, stage in enumerate(full.skeleton.stages):
+        for blk in stage:
+            names.extend(f"layer{s + 1}.{blk.index}.conv{j + 1}.weight"
+                         for j in range(len(blk.convs)))
+    return names
