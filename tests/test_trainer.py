@@ -85,6 +85,9 @@ def test_existing_run_needs_resume_and_the_same_settings(tmp_path):
         train(_shape(data), data, _config(epochs=1, lr=0.05), tmp_path, resume=True)
     with pytest.raises(CheckpointError, match="another shape"):
         train(_shape(data, "resnet14"), data, _config(epochs=1), tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="other data"):
+        train(_shape(data), synthetic_bundle(n_train=40, n_test=16), _config(epochs=1),
+              tmp_path, resume=True)
     # resuming a finished run only re-exports; quiet/device may change
     again = train(_shape(data), data, _config(epochs=1, quiet=False), tmp_path, resume=True)
     assert again.metrics["epoch"] == 1

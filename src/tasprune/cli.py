@@ -234,17 +234,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tasprune.flops import count_flops
     from tasprune.latency import measure_latency
     from tasprune.train.loop import LoopOptions, evaluate
-    from tasprune.train.trainer import resolve_device
+    from tasprune.train.trainer import check_fits_data, resolve_device
 
     device = resolve_device(args.device)
     data = _load_data(args.data, args.quiet)
     model = load_pruned(args.path, device=device)
-    shape = model.shape
-    if (shape.num_classes, shape.in_channels) != (data.num_classes, data.in_channels):
-        raise UserError(f"{args.path}: the model has {shape.num_classes} classes and "
-                        f"{shape.in_channels} input channels, the data {args.data!r} has "
-                        f"{data.num_classes} and {data.in_channels}")
-    shape = shape.replace(resolution=data.resolution)  # count at the resolution evaluated
+    check_fits_data(model.shape, data, f"model {args.path}")
+    shape = model.shape.replace(resolution=data.resolution)  # count at the resolution evaluated
     test = evaluate(model, data.test, data.transform,
                     LoopOptions(batch_size=args.batch_size, device=device, quiet=args.quiet))
     latency = ({} if args.no_latency else

@@ -173,13 +173,14 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
 
 
-def _check_data(shape: Shape, data: DataBundle, what: str) -> None:
+def check_fits_data(shape: Shape, data: DataBundle, what: str) -> None:
+    """Classes and input channels of a network must be the dataset's."""
     if shape.num_classes != data.num_classes or shape.in_channels != data.in_channels:
         raise ValueError(
             f"the {what} has {shape.num_classes} classes and {shape.in_channels} input channels "
             f"but the data {data.name!r} has {data.num_classes} classes and {data.in_channels} "
-            f"channels; build the shape for this data (e.g. shape.replace(num_classes="
-            f"{data.num_classes}, in_channels={data.in_channels}))"
+            f"channels; use the data the network was made for, or a shape built for this data "
+            f"(shape.replace(num_classes={data.num_classes}, in_channels={data.in_channels}))"
         )
 
 
@@ -204,9 +205,9 @@ def train(
     """
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT_FILE
-    _check_data(shape, data, "shape")
+    check_fits_data(shape, data, "shape")
     if teacher is not None:
-        _check_data(teacher.shape, data, "teacher")
+        check_fits_data(teacher.shape, data, "teacher")
     if config.inherit and teacher is None:
         raise ValueError("weight inheritance (--inherit) needs a teacher (--teacher)")
     if ckpt_path.exists() and not resume:
@@ -238,7 +239,7 @@ def train(
     start_epoch, best = 0, {"test_acc": -1.0, "epoch": 0}
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
-        _check_resumable(state, ckpt_path, shape, config, teacher)
+        _check_resumable(state, ckpt_path, shape, config, teacher, _data_id(data))
         load_state_checked(model, state["model"], str(ckpt_path))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -286,6 +287,7 @@ def train(
             "scaler": scaler.state_dict() if scaler is not None else None,
             "config": config.to_dict(), "best": best, "rng": rng_state(),
             "teacher_shape": teacher.shape.to_dict() if teacher is not None else None,
+            "data": _data_id(data),
         })
         _log(config, _summary(record, config.epochs))
 
@@ -311,8 +313,13 @@ def _summary(record: dict[str, Any], epochs: int) -> str:
     return text + f" ({record['images_per_s']:.0f} img/s, {record['time_s']:.0f}s)"
 
 
+def _data_id(data: DataBundle) -> dict[str, Any]:
+    return {"name": data.name, "train": len(data.train), "test": len(data.test),
+            "num_classes": data.num_classes}
+
+
 def _check_resumable(state: dict[str, Any], path: Path, shape: Shape, config: TrainConfig,
-                     teacher: ResNet | None) -> None:
+                     teacher: ResNet | None, data: dict[str, Any]) -> None:
     if state.get("kind") != _CHECKPOINT_KIND:
         raise CheckpointError(f"{path}: not a tasprune training checkpoint")
     if Shape.from_dict(state["shape"]) != shape:
@@ -324,6 +331,9 @@ def _check_resumable(state: dict[str, Any], path: Path, shape: Shape, config: Tr
     if diff:
         raise CheckpointError(f"{path}: the run was started with other settings: "
                               f"{', '.join(diff)}; resume with the same settings")
+    if state.get("data", data) != data:
+        raise CheckpointError(f"{path}: the run was started on other data ({state['data']}, now "
+                              f"{data}); resume with the same --data")
     saved_teacher = state.get("teacher_shape")
     now_teacher = teacher.shape.to_dict() if teacher is not None else None
     if (saved_teacher is None) != (now_teacher is None) or (
