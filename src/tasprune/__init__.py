@@ -2,11 +2,15 @@
 
 __version__ = "0.1.0"
 
+from tasprune.data import DataBundle, DataError, load_data  # noqa: E402
+from tasprune.export import load_pruned  # noqa: E402
 from tasprune.flops import count_flops, count_params, layer_table  # noqa: E402
 from tasprune.models import build_model, create_model, list_models  # noqa: E402
 from tasprune.shape import Shape, paper_shape, paper_shape_names  # noqa: E402
 
 __all__ = [
+    "DataBundle",
+    "DataError",
     "Shape",
     "__version__",
     "build_model",
@@ -15,6 +19,8 @@ __all__ = [
     "create_model",
     "layer_table",
     "list_models",
+    "load_data",
+    "load_pruned",
     "paper_shape",
     "paper_shape_names",
 ]

@@ -9,12 +9,15 @@ reported on one line with exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tasprune import __version__
+from tasprune.data import DATA_SPEC_HELP, DataBundle, load_data
 from tasprune.flops import count_params, layer_table
 from tasprune.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
 
@@ -117,6 +120,232 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# train ------------------------------------------------------------------------------
+def _load_data(spec: str, quiet: bool = True) -> DataBundle:
+    return load_data(spec, quiet=quiet)
+
+
+def _train_default(name: str) -> Any:
+    from tasprune.train.trainer import TrainConfig
+
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model or a pruned shape (optionally with KD) into a run directory",
+        description="Train the unpruned network of --model (this is how you make a teacher) or "
+        "the pruned network of --shape, from scratch or, with --inherit, initialised from the "
+        "teacher; with --teacher, by knowledge distillation. Writes into --out DIR: "
+        "model.safetensors + shape.json (the trained model, for `tasprune eval`, `tasprune "
+        "export` and tasprune.load_pruned), train.pt (resumable checkpoint, updated every "
+        "epoch), best.pt (weights of the epoch with the best test accuracy), metrics.jsonl "
+        "(one line per epoch) and train_config.yaml (the settings).",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="registered model name (see `tasprune models`): train "
+                      "the unpruned network")
+    what.add_argument("--shape", help="shape.json, TAS .config file or published TAS shape "
+                      "name: train that pruned network")
+    p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
+    p.add_argument("--epochs", type=int, required=True, help="training epochs")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
+    p.add_argument("--teacher", metavar="PATH", help="teacher for KD: a run directory, "
+                   "model.safetensors, or a train.pt/best.pt checkpoint")
+    p.add_argument("--kd-alpha", type=float, help="KD weight in [0, 1] (default "
+                   f"{_train_default('kd_alpha')}; needs --teacher)")
+    p.add_argument("--kd-temperature", type=float, help="KD temperature (default "
+                   f"{_train_default('kd_temperature')}; needs --teacher)")
+    p.add_argument("--inherit", action="store_true", help="initialise from the teacher's "
+                   "weights (largest-L1 channels, first blocks) instead of from scratch")
+    p.add_argument("--resume", action="store_true", help="continue the run in DIR from its "
+                   "train.pt (same settings); starts afresh if there is none")
+    p.add_argument("--seed", type=int, help=f"random seed (default {_train_default('seed')})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"batch size (default {_train_default('batch_size')})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default "
+                   f"{_train_default('lr')}), SGD Nesterov, warm-up then cosine")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (default: 5, "
+                   "capped at 10%% of the run)")
+    p.add_argument("--weight-decay", type=float,
+                   help=f"weight decay (default {_train_default('weight_decay')})")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing of the "
+                   "cross-entropy (default 0)")
+    p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
+                   help="mixed precision (default auto: bf16/fp16 on CUDA, off on CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tasprune.export import load_pruned
+    from tasprune.train.trainer import TrainConfig, train
+
+    if args.teacher is None and (args.kd_alpha is not None or args.kd_temperature is not None):
+        raise UserError("--kd-alpha/--kd-temperature configure distillation, which needs "
+                        "--teacher PATH")
+    settings = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
+                "label_smoothing": args.label_smoothing, "kd_alpha": args.kd_alpha,
+                "kd_temperature": args.kd_temperature, "device": args.device, "amp": args.amp}
+    config = TrainConfig(epochs=args.epochs, inherit=args.inherit, quiet=args.quiet,
+                         **{k: v for k, v in settings.items() if v is not None})
+    data = _load_data(args.data, args.quiet)
+    shape = load_target_shape(args.model or args.shape, data.num_classes, data.resolution,
+                              data.in_channels)
+    teacher = load_pruned(args.teacher) if args.teacher else None
+    result = train(shape, data, config, args.out, teacher=teacher, resume=args.resume)
+    m = result.metrics
+    print(f"{args.out}: test accuracy {100 * m['test_acc']:.2f}% after {m['epoch']} epochs "
+          f"(best {100 * m['best_test_acc']:.2f}% at epoch {m['best_epoch']}); "
+          f"FLOPs {_fmt_count(m['flops'])}, params {_fmt_count(m['params'])}")
+    print(f"wrote {args.out}/model.safetensors + shape.json (the model), train.pt, best.pt, "
+          "metrics.jsonl, train_config.yaml")
+    return 0
+
+
+# eval -------------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="test accuracy, FLOPs, params and CPU latency of a trained model",
+        description="Evaluate a trained model on the test split of --data and measure its CPU "
+        "latency (median of repeated forward passes at batch 1 and 64). Prints a summary, or "
+        "one JSON object with --json (acc as a fraction, flops, params, latency_ms by batch "
+        "size). Writes no files.",
+    )
+    p.add_argument("path", help="run directory, model.safetensors, or train.pt/best.pt")
+    p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--device", default="auto", help="device for the accuracy pass (latency "
+                   "is always measured on the CPU)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tasprune.evaluation import evaluate_model
+    from tasprune.export import load_pruned
+    from tasprune.latency import LatencyConfig
+    from tasprune.train.trainer import resolve_device
+
+    device = resolve_device(args.device)
+    data = _load_data(args.data, args.quiet)
+    model = load_pruned(args.path, device=device)
+    out = {"path": args.path, "data": args.data,
+           **evaluate_model(model, data, device, args.batch_size,
+                            None if args.no_latency else LatencyConfig(), args.quiet,
+                            f"model {args.path}")}
+    latency = out["latency_ms"]
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{args.path} on {args.data}: test accuracy {100 * out['acc']:.2f}% (top-5 "
+          f"{100 * out['top5']:.2f}%) over {out['images']} images")
+    print(f"FLOPs (MACs) {out['flops']:,} ({_fmt_count(out['flops'])})   params "
+          f"{out['params']:,} ({_fmt_count(out['params'])})")
+    if latency:
+        parts = ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in latency.items())
+        print(f"CPU latency ({out['threads']} threads, median): {parts}")
+    return 0
+
+
+# export -----------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a trained model to ONNX or TorchScript",
+        description="Export a trained model. Writes --out FILE, by default model.onnx or "
+        "model.torchscript.pt in the run directory (or beside the given weights file). ONNX: "
+        "input 'images' [N, C, H, W] with a dynamic batch, output 'logits'.",
+    )
+    p.add_argument("path", help="run directory, model.safetensors, or train.pt/best.pt")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--out", metavar="FILE", help="output file")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tasprune.export import EXPORT_FORMATS, export_model, load_pruned
+
+    model = load_pruned(args.path)
+    path = Path(args.path)
+    out = Path(args.out) if args.out else (
+        (path if path.is_dir() else path.parent) / EXPORT_FORMATS[args.format])
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: no such directory")
+    try:
+        export_model(model, args.format, out)
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {out}")
+# data -------------------------------------------------------------------------------
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    from tasprune.data.download import REMOTES
+
+    p = sub.add_parser("data", help="describe a dataset, or download one",
+                       description="Describe a dataset (`info`) or download one (`download`).")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    info = actions.add_parser(
+        "info", help="print sizes, classes and input format of a --data spec",
+        description="Load a dataset as training would and print its name, class count, "
+        "image size, train/test sizes per class, normalisation and augmentation. Writes no "
+        "files and downloads nothing.")
+    info.add_argument("spec", help=DATA_SPEC_HELP)
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=cmd_data_info)
+    dl = actions.add_parser(
+        "download", help="download CIFAR-10/100 or Fashion-MNIST (needs a network)",
+        description="Download a dataset from its official site (or --mirror) into ROOT, "
+        "checking every file's MD5 sum. Writes ROOT/cifar-10-batches-py/, "
+        "ROOT/cifar-100-python/ or ROOT/fashion-mnist/ (files arrive under temp names and "
+        "are renamed only once verified; CIFAR tarballs are deleted after extraction). "
+        "Does nothing if the verified files are already there. Then use --data NAME:ROOT.")
+    dl.add_argument("name", choices=list(REMOTES), help="dataset to fetch")
+    dl.add_argument("--root", required=True, help="directory to download into (created)")
+    dl.add_argument("--mirror", metavar="URL",
+                    help="base URL serving the same file names instead of the official site")
+    dl.add_argument("--quiet", action="store_true", help="no progress bar")
+    dl.set_defaults(func=cmd_data_download)
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from tasprune.data import describe, load_data
+
+    info = describe(load_data(args.spec, quiet=False))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    size = f"{info['in_channels']}x{info['resolution']}x{info['resolution']}"
+    print(f"{info['name']}: {info['num_classes']} classes, {size} images")
+    for split in ("train", "test"):
+        per_class = info[f"{split}_per_class"]
+        spread = (f"{min(per_class):,} per class" if min(per_class) == max(per_class)
+                  else f"{min(per_class):,} to {max(per_class):,} per class")
+        print(f"{split + ':':<7}{info[split]:>10,} images ({spread})")
+    augment = info["augment"]
+    how = (f"pad-{augment['pad']} random crop" if augment["pad"] else
+           "random resized crop at decode time") + " + horizontal flip"
+    print(f"normalise: mean {tuple(info['mean'])}, std {tuple(info['std'])}; "
+          f"training augmentation: {how}")
+    names = info["class_names"] or []
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    print(f"classes: {shown}")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from tasprune.data.download import download
+
+    target = download(args.name, args.root, mirror=args.mirror, quiet=args.quiet)
+    print(f"{args.name}: ready in {target}; use --data {args.name}:{args.root}")
+    return 0
+
+
 # parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -125,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tasprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_flops, _add_models):
+    for add in (_add_flops, _add_models, _add_data, _add_train, _add_eval, _add_export):
         add(sub)
     return parser
 

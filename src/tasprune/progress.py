@@ -10,8 +10,13 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
-             quiet: bool = False) -> Iterator[T] | tqdm:
-    """Wrap an iterable in a progress bar; set fields with bar.set_postfix(...)."""
+def progress(iterable: Iterable[T] | None, total: int | None = None, desc: str = "",
+             quiet: bool = False, unit: str = "it") -> Iterator[T] | tqdm:
+    """Wrap an iterable in a progress bar; set fields with bar.set_postfix(...).
+
+    With `iterable=None` the bar is advanced by hand (`bar.update(n)`); `unit="B"`
+    shows bytes with k/M/G prefixes (downloads).
+    """
     return tqdm(iterable, total=total, desc=desc, disable=quiet, leave=False,
-                dynamic_ncols=True, mininterval=0.5)
+                dynamic_ncols=True, mininterval=0.5, unit=unit, unit_scale=unit == "B",
+                unit_divisor=1024 if unit == "B" else 1000)

@@ -63,13 +63,26 @@ class TensorImages:
         drop_last: bool = False,
         train: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.arange(len(self)) if indices is None else indices
-        if shuffle:
-            order = order[torch.randperm(len(order), generator=generator)]
-        stop = len(order) - (len(order) % batch_size if drop_last else 0)
-        for start in range(0, stop, batch_size):
-            idx = order[start:start + batch_size]
+        for idx in index_batches(len(self), batch_size, indices=indices, shuffle=shuffle,
+                                 generator=generator, drop_last=drop_last):
             yield self.images[idx], self.labels[idx]
+
+
+def index_batches(
+    n: int,
+    batch_size: int,
+    *,
+    indices: torch.Tensor | None = None,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> list[torch.Tensor]:
+    """The example indices of every batch of an `ImageSource.batches` call, in order."""
+    order = torch.arange(n) if indices is None else indices
+    if shuffle:
+        order = order[torch.randperm(len(order), generator=generator)]
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    return [order[start:start + batch_size] for start in range(0, stop, batch_size)]
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from tasprune._io import atomic_write
 
@@ -42,6 +44,31 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a tasprune checkpoint (expected a dict)")
     return state
+
+
+def load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, failing on the first missing, extra or mis-shaped tensor.
+
+    The error names the layer and says the likely cause, instead of torch's list
+    of every mismatch.
+    """
+    expected = model.state_dict()
+    hint = ("; the weights were probably saved from a different model or shape "
+            "(check the shape.json that goes with them)")
+    for name, tensor in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{source}: no weights for layer {name!r}{hint}")
+        got = state[name]
+        if tuple(got.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: layer {name!r} has shape {list(got.shape)} in the checkpoint but "
+                f"{list(tensor.shape)} in the model{hint}"
+            )
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} "
+                              f"({len(extra)} in all){hint}")
+    model.load_state_dict(dict(state), strict=True)
 
 
 def rng_state() -> dict[str, Any]:

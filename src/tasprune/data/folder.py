@@ -1,0 +1,218 @@
+"""Class-folder image datasets (the ImageNet layout), decoded with Pillow batch by batch.
+
+    ROOT/train/<class>/*.jpg|png ...      ROOT/val/<class>/*.jpg|png ...   (or ROOT/test/)
+
+Classes are the sorted folder names under `train/`. Images are decoded to RGB at
+the requested resolution: for training with a random resized crop (Szegedy et al.,
+2015: 8%-100% of the area, aspect 3/4-4/3) and a random horizontal flip, for
+evaluation resized and center-cropped (the central 87.5%, e.g. 256 -> 224). The
+flip happens here, once, so the bundle's `BatchTransform` only normalises
+(pad=0, flip=False).
+
+Randomness is per sample: a base seed is drawn from the caller's generator when a
+training pass starts, and sample `i` uses a generator seeded with (base, i), so
+a pass is reproducible whatever the number of decoding workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from tasprune.data.integrity import DataError, require_dir
+from tasprune.data.source import BatchTransform, DataBundle, index_batches
+from tasprune.progress import progress
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_FRACTION = 0.875
+EVAL_SPLITS = ("val", "test")
+Box = tuple[float, float, float, float]
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Box:
+    """A random crop box covering `scale` of the area with aspect ratio in `ratio`.
+
+    Tries ten draws; if none fits, falls back to the largest central box whose
+    aspect ratio is within `ratio`.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    aspect = width / height
+    w, h = width, height
+    if aspect < ratio[0]:
+        h = round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w = round(height * ratio[1])
+    left, top = (width - w) / 2, (height - h) / 2
+    return left, top, left + w, top + h
+
+
+def center_crop_box(width: int, height: int, fraction: float = EVAL_CROP_FRACTION) -> Box:
+    """The central square covering `fraction` of the shorter side (resize + center crop)."""
+    side = min(width, height) * fraction
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+class FolderImages:
+    """An `ImageSource` over image files with class labels, decoded on demand."""
+
+    def __init__(self, paths: list[Path], labels: torch.Tensor, resolution: int,
+                 workers: int = 0) -> None:
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        if resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+        self.paths = paths
+        self.labels = labels.long()
+        self.resolution = resolution
+        self.workers = workers
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def decode(self, index: int, seed: int | None = None) -> torch.Tensor:
+        """Image `index` as uint8 [3, R, R]: a random resized crop + flip drawn from `seed`
+        when one is given (training), else resize + center crop."""
+        path = self.paths[index]
+        r = self.resolution
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"{path}: cannot read image ({exc}); remove or replace the file"
+                            ) from None
+        if seed is None:
+            img = img.resize((r, r), Image.Resampling.BILINEAR, box=center_crop_box(*img.size))
+        else:
+            rng = np.random.default_rng(seed)
+            box = random_resized_crop_box(*img.size, rng)
+            img = img.resize((r, r), Image.Resampling.BILINEAR, box=box)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        # HWC -> CHW in numpy: a torch copy of a small tensor may wake the whole thread pool
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        indices: torch.Tensor | None = None,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        train: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = index_batches(len(self), batch_size, indices=indices, shuffle=shuffle,
+                             generator=generator, drop_last=drop_last)
+        base = int(torch.randint(0, 2**62, (1,), generator=generator)) if train else None
+        loader = DataLoader(_BatchDecoder(self, plan, base), batch_size=None, shuffle=False,
+                            num_workers=self.workers, collate_fn=_as_is)
+        for images, labels, error in loader:
+            if error is not None:
+                raise DataError(error)
+            yield images, labels
+
+
+def _as_is(item: object) -> object:
+    return item
+
+
+class _BatchDecoder(Dataset):
+    """Item k = batch k of a plan, decoded (runs in DataLoader workers)."""
+
+    def __init__(self, source: FolderImages, plan: list[torch.Tensor], base: int | None) -> None:
+        self.source, self.plan, self.base = source, plan, base
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+        idx = self.plan[k]
+        try:
+            images = torch.from_numpy(np.stack([  # numpy: see FolderImages.decode
+                self.source.decode(i, None if self.base is None else _sample_seed(self.base, i))
+                .numpy() for i in idx.tolist()]))
+        except DataError as exc:  # returned, not raised: a worker's traceback is noise
+            return None, None, str(exc)
+        return images, self.source.labels[idx], None
+
+
+def _sample_seed(base: int, index: int) -> int:
+    return int(np.random.SeedSequence([base, index]).generate_state(1, np.uint64)[0])
+
+
+def _scan(directory: Path, classes: list[str], quiet: bool) -> tuple[list[Path], list[int]]:
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(progress(classes, desc=f"scan {directory.name}", quiet=quiet)):
+        class_dir = directory / name
+        if not class_dir.is_dir():
+            continue
+        with os.scandir(class_dir) as entries:
+            files = sorted(e.name for e in entries
+                           if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        paths.extend(class_dir / f for f in files)
+        labels.extend([label] * len(files))
+    return paths, labels
+
+
+def load_folder(root: str | os.PathLike[str], resolution: int = 224, workers: int | None = None,
+                quiet: bool = True) -> DataBundle:
+    """An ImageNet-layout folder (`train/<class>/`, `val/<class>/`) as a bundle.
+
+    `workers` decoding processes (default: up to 4, one per CPU core).
+    """
+    root = require_dir(Path(root), "image folder dataset with train/ and val/ inside")
+    train_dir = require_dir(root / "train", "training images, one folder per class")
+    eval_dir = next((root / s for s in EVAL_SPLITS if (root / s).is_dir()), None)
+    if eval_dir is None:
+        raise DataError(f"{root}: no val/ (or test/) directory; put evaluation images in "
+                        f"{root / 'val'}/<class>/")
+    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir}: no class folders; expected {train_dir}/<class>/*.jpg")
+    unknown = sorted({e.name for e in os.scandir(eval_dir) if e.is_dir()} - set(classes))
+    if unknown:
+        raise DataError(f"{eval_dir}: class folder(s) {', '.join(unknown)} have no "
+                        f"counterpart in {train_dir}")
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    splits = []
+    for directory in (train_dir, eval_dir):
+        paths, labels = _scan(directory, classes, quiet)
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+        if directory is train_dir and (counts == 0).any():
+            empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+            raise DataError(f"{train_dir}: class folder(s) {', '.join(empty[:5])} hold no "
+                            f"images ({'/'.join(IMAGE_EXTENSIONS)})")
+        if not paths:
+            raise DataError(f"{directory}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in its "
+                            "class folders")
+        splits.append(FolderImages(paths, torch.tensor(labels, dtype=torch.int64), resolution,
+                                   workers))
+    return DataBundle(
+        name=f"folder:{root.name}", train=splits[0], test=splits[1], num_classes=len(classes),
+        in_channels=3, resolution=resolution,
+        transform=BatchTransform(mean=IMAGENET_MEAN, std=IMAGENET_STD, pad=0, flip=False),
+        class_names=tuple(classes))

@@ -1,0 +1,156 @@
+"""The pruned model the user takes away: safetensors + shape, ONNX, TorchScript.
+
+The deliverable of a run is `model.safetensors` (the weights, with the shape
+also stored in its metadata) next to `shape.json`. `load_pruned` rebuilds the
+network from the shape and loads the weights in one call, without unpickling
+anything. Training checkpoints (`train.pt`, `best.pt`) load too, with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tasprune._io import atomic_write
+from tasprune.models import ResNet, build_model
+from tasprune.shape import Shape
+from tasprune.train.checkpoint import CheckpointError, load_checkpoint, load_state_checked
+
+WEIGHTS_FILE = "model.safetensors"
+SHAPE_FILE = "shape.json"
+_SHAPE_KEY = "tasprune.shape"
+EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+
+
+def save_pruned(out_dir: str | os.PathLike[str], model: ResNet) -> Path:
+    """Write `out_dir/model.safetensors` and `out_dir/shape.json` atomically; return the first.
+
+    The shape is also embedded in the safetensors metadata, so the weights file
+    alone is enough to rebuild the model.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {_SHAPE_KEY: json.dumps(model.shape.to_dict())}
+    path = out / WEIGHTS_FILE
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    model.shape.save(out / SHAPE_FILE)
+    return path
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception as exc:  # safetensors raises its own error types for bad files
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or "
+                              f"corrupt?): {exc}") from None
+
+
+def _shape_for_weights(path: Path, meta: dict[str, str]) -> Shape:
+    if _SHAPE_KEY in meta:
+        return Shape.from_dict(json.loads(meta[_SHAPE_KEY]))
+    beside = path.parent / SHAPE_FILE
+    if beside.is_file():
+        return Shape.load(beside)
+    raise FileNotFoundError(f"{path}: no shape in its metadata and no {SHAPE_FILE} beside it; "
+                            f"put the run's {SHAPE_FILE} next to the weights")
+
+
+def load_pruned(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ResNet:
+    """Rebuild a (pruned) network and load its weights, in eval mode.
+
+    `path` is a run directory (holding model.safetensors and shape.json), a
+    `.safetensors` file, or a training checkpoint (`train.pt` / `best.pt`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            found = [p.name for p in (path / "best.pt", path / "train.pt") if p.is_file()]
+            more = (f"; it holds {' and '.join(found)} (training not finished?), pass one of "
+                    "those instead" if found else "")
+            raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} in this directory{more}")
+        path = weights
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.suffix == ".safetensors":
+        state, meta = _read_safetensors(path)
+        shape = _shape_for_weights(path, meta)
+    else:
+        ckpt = load_checkpoint(path)
+        if "shape" not in ckpt or "model" not in ckpt:
+            raise CheckpointError(f"{path}: not a tasprune training checkpoint (it has no "
+                                  "'shape' and 'model' entries)")
+        shape, state = Shape.from_dict(ckpt["shape"]), ckpt["model"]
+    model = build_model(shape)
+    load_state_checked(model, state, str(path))
+    return model.to(device).eval()
+
+
+def _example_input(model: ResNet, batch: int = 1) -> torch.Tensor:
+    s = model.shape
+    param = next(model.parameters())
+    return torch.randn(batch, s.in_channels, s.resolution, s.resolution, device=param.device)
+
+
+def export_onnx(model: ResNet, path: str | os.PathLike[str]) -> Path:
+    """Write an ONNX graph (input `images` [N, C, H, W] with a dynamic batch, output `logits`).
+
+    Uses the torch.export-based exporter (needs the `onnx` and `onnxscript` packages).
+    """
+    path = Path(path)
+    model = model.eval()
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    try:
+        # the exporter logs about absent torchvision ops and warns about torch internals;
+        # neither concerns a ResNet
+        onnx_log.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(
+                model, (_example_input(model, 2),), dynamo=True, verbose=False,
+                input_names=["images"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            )
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"ONNX export needs the onnx and onnxscript packages "
+                                  f"(pip install 'tasprune[dev]'): {exc}") from None
+    finally:
+        onnx_log.setLevel(level)
+    atomic_write(path, lambda tmp: program.save(str(tmp)))
+    return path
+
+
+def export_torchscript(model: ResNet, path: str | os.PathLike[str]) -> Path:
+    """Write a traced TorchScript module (`torch.jit.load` reads it, no tasprune needed).
+
+    The network has no data-dependent control flow, so tracing is exact. PyTorch
+    deprecates TorchScript; its warning is silenced here since the format was asked for.
+    """
+    path = Path(path)
+    model = model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(model, _example_input(model))
+        atomic_write(path, lambda tmp: traced.save(str(tmp)))
+    return path
+
+
+def export_model(model: ResNet, fmt: str, path: str | os.PathLike[str]) -> Path:
+    """Export in `fmt` ("onnx" or "torchscript") to `path`."""
+    if fmt == "onnx":
+        return export_onnx(model, path)
+    if fmt == "torchscript":
+        return export_torchscript(model, path)
+    raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(EXPORT_FORMATS)}")
