@@ -1,0 +1,105 @@
+"""Search step vs plain training step throughput, measured in one process.
+
+For every model: `search_img_per_s` counts both batches of a search step (the
+weight step on a train batch and the architecture step on a valid batch, as
+`tasprune.search.searcher.search_step` runs them), `plain_img_per_s` is plain
+SGD training (forward, cross-entropy, backward, step) of the unpruned ResNet at
+the same batch size. The two are timed in alternating rounds so machine noise
+hits both; the ratio of their medians is printed as one JSON line per model.
+
+    python benchmarks/search_speed.py --model resnet20 resnet56 --batch 128 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tasprune import Shape, build_model, count_flops
+from tasprune.search.searcher import SearchConfig, search_step
+from tasprune.search.space import SearchSpace
+from tasprune.search.supernet import SuperNet
+
+
+def _time(fn: Callable[[], None], steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return time.perf_counter() - start
+
+
+def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolution: int,
+          classes: int, seed: int) -> dict[str, object]:
+    torch.manual_seed(seed)
+    full = Shape.full(model, num_classes=classes, resolution=resolution)
+    x = torch.randn(batch, 3, resolution, resolution)
+    y = torch.randint(0, classes, (batch,))
+    xv = torch.randn(batch, 3, resolution, resolution)
+    yv = torch.randint(0, classes, (batch,))
+
+    plain = build_model(full).train()
+    p_opt = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                            weight_decay=5e-4)
+
+    def plain_step() -> None:
+        loss = F.cross_entropy(plain(x), y)
+        p_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        p_opt.step()
+
+    config = SearchConfig(flops_ratio=0.5, batch_size=batch, lr=0.01, seed=seed)
+    net = SuperNet(SearchSpace.from_shape(full), torch.Generator().manual_seed(seed)).train()
+    w_opt = torch.optim.SGD(net.weight_parameters(), lr=config.lr, momentum=config.momentum,
+                            nesterov=True, weight_decay=config.weight_decay)
+    a_opt = torch.optim.Adam(net.arch_parameters(), lr=config.arch_lr, betas=config.arch_betas,
+                             weight_decay=config.arch_weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    full_flops = count_flops(full)
+
+    def search_step_() -> None:
+        search_step(net, (x, y), (xv, yv), w_opt, a_opt, config, tau, gen, full_flops)
+
+    plain_step()  # warm-up (allocator, oneDNN primitive caches)
+    search_step_()
+    plain_s, search_s = [], []
+    for _ in range(rounds):
+        plain_s.append(_time(plain_step, steps))
+        search_s.append(_time(search_step_, steps))
+    plain_ips = batch * steps / statistics.median(plain_s)
+    search_ips = 2 * batch * steps / statistics.median(search_s)
+    return {
+        "model": model, "batch": batch, "threads": torch.get_num_threads(), "tau": tau,
+        "steps": steps, "rounds": rounds,
+        "search_img_per_s": round(search_ips, 1), "plain_img_per_s": round(plain_ips, 1),
+        "ratio": round(search_ips / plain_ips, 3),
+        "round_ratios": [round(2 * p / s, 3) for p, s in zip(plain_s, search_s, strict=True)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["resnet20", "resnet56"])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
+    parser.add_argument("--tau", type=float, default=5.0,
+                        help="Gumbel temperature (5 = start of the search)")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for model in args.model:
+        print(json.dumps(bench(model, args.batch, args.steps, args.rounds, args.tau,
+                               args.resolution, args.classes, args.seed)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

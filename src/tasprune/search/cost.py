@@ -1,0 +1,87 @@
+"""Expected FLOPs of the searched distributions and the FLOP loss.
+
+The expectation is `tasprune.flops.expected_flops`, the same layer walk as the
+exact count, fed with `WidthDist(choices, softmax(a_l))` per conv slot and
+`DepthDist(choices, softmax(b_s))` per stage: it depends on the logits only
+(no forward pass) and is differentiable. Computed in float64 so that one-hot
+logits reproduce the integer count exactly.
+
+FLOP loss (DESIGN.md): with F_cur the exact FLOPs of the current argmax shape,
+F_tgt = ratio * F_full and t = tolerance * F_full, the loss is log E[F] when
+F_cur > F_tgt (push the cost down), -log E[F] when F_cur < F_tgt - t (push it
+up), and 0 inside the band [F_tgt - t, F_tgt].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tasprune.flops import DepthDist, WidthDist, count_flops, expected_flops
+from tasprune.search.sampling import masked_softmax
+from tasprune.search.space import SearchSpace
+from tasprune.search.supernet import SuperNet
+from tasprune.shape import Shape
+
+
+def expected_cost(space: SearchSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor,
+                  width_mask: torch.Tensor, depth_mask: torch.Tensor) -> torch.Tensor:
+    """E[FLOPs] (float64 tensor, differentiable w.r.t. the logits)."""
+    wp = masked_softmax(width_logits.double(), width_mask)
+    dp = masked_softmax(depth_logits.double(), depth_mask)
+    widths = [WidthDist(values=wp.new_tensor(c), probs=wp[s, : len(c)])
+              for s, c in enumerate(space.widths)]
+    depths = [DepthDist(choices=c, probs=dp[s, : len(c)]) for s, c in enumerate(space.depths)]
+    return expected_flops(space.full.skeleton, widths, depths)
+
+
+def supernet_expected_flops(net: SuperNet) -> torch.Tensor:
+    """E[FLOPs] of a supernet's current distributions."""
+    return expected_cost(net.space, net.width_logits, net.depth_logits, net.width_mask,
+                         net.depth_mask)
+
+
+@dataclass(frozen=True)
+class FlopLoss:
+    """The FLOP loss and what it was computed from (FLOPs as multiply-accumulates)."""
+
+    loss: torch.Tensor  # 0-dim, differentiable
+    expected: float  # E[F] under the current distributions
+    current: int  # exact FLOPs of the argmax shape
+    target: float  # ratio * F_full
+    tolerance: float  # tolerance * F_full
+    direction: int  # +1: above target (shrink), -1: below the band (grow), 0: inside
+
+    def as_dict(self) -> dict[str, float]:
+        return {"flop_loss": float(self.loss), "expected_flops": self.expected,
+                "argmax_flops": self.current, "target_flops": self.target,
+                "direction": self.direction}
+
+
+def flop_loss(expected: torch.Tensor, current: int, full: int, ratio: float,
+              tolerance: float = 0.05) -> FlopLoss:
+    """The FLOP loss of DESIGN.md from E[F] (tensor) and the argmax shape's exact FLOPs."""
+    target, tol = ratio * full, tolerance * full
+    if current > target:
+        direction, loss = 1, torch.log(expected)
+    elif current < target - tol:
+        direction, loss = -1, -torch.log(expected)
+    else:
+        direction, loss = 0, expected.new_zeros(())
+    return FlopLoss(loss=loss, expected=float(expected.detach()), current=current,
+                    target=target, tolerance=tol, direction=direction)
+
+
+def supernet_flop_loss(net: SuperNet, ratio: float, tolerance: float = 0.05,
+                       full_flops: int | None = None) -> FlopLoss:
+    """FLOP loss of a supernet: argmax shape's exact FLOPs vs the target, on E[F]."""
+    full = count_flops(net.space.full) if full_flops is None else full_flops
+    return flop_loss(supernet_expected_flops(net), count_flops(net.derive()), full, ratio,
+                     tolerance)
+
+
+def in_band(shape: Shape, full: Shape, ratio: float, tolerance: float = 0.05) -> bool:
+    """Whether a shape's FLOPs lie in the zero-loss band [F_tgt - t, F_tgt]."""
+    f, ff = count_flops(shape), count_flops(full)
+    return ratio * ff - tolerance * ff <= f <= ratio * ff
