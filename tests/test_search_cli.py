@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from tasprune import Shape, create_model
 from tasprune._io import read_jsonl
@@ -9,13 +8,8 @@ from tasprune.cli import main
 from tasprune.export import save_pruned
 from tasprune.train.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_impossible_budget_is_refused_before_training(tmp_path, capsys):

@@ -13,14 +13,8 @@ from tasprune.search.space import SearchSpace
 from tasprune.search.supernet import SuperNet
 from tasprune.train.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads; one keeps these tests fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _data(n: int = 96, classes: int = 4, res: int = 8, seed: int = 0) -> DataBundle:

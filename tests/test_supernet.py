@@ -8,6 +8,8 @@ from tasprune.search.searcher import _grad_only
 from tasprune.search.space import SearchSpace
 from tasprune.search.supernet import Arch, Choice, ChoiceBN, SuperNet, _NormMix
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HUGE = 1e4  # a logit this far ahead makes every other probability exactly 0 in float32
 
 
@@ -77,7 +79,7 @@ def test_one_hot_supernet_equals_the_pruned_network(name, res, seed):
     after = net.state_dict_for(shape)
     for key, value in model.state_dict().items():
         if "running" in key:
-            assert torch.allclose(after[key], value, atol=1e-5), key
+            assert torch.allclose(after[key], value, rtol=1e-4, atol=1e-5), key
     assert torch.allclose(net(x, Arch.fixed(space, shape)), model(x), atol=1e-4, rtol=1e-4)
 
 
