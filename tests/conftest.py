@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -31,3 +32,13 @@ def random_shape(base, gen: torch.Generator):
     widths = [int(torch.randint(1, w + 1, (1,), generator=gen)) for w in base.full_widths]
     blocks = [int(torch.randint(1, d + 1, (1,), generator=gen)) for d in base.depths]
     return base.replace(widths=tuple(widths), blocks=tuple(blocks))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: tiny tensors gain nothing from more, and on a
+    busy machine the thread synchronisation of every op can cost more than the op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -206,6 +206,82 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# search -----------------------------------------------------------------------------
+def _search_default(name: str) -> Any:
+    from tasprune.search.searcher import SearchConfig
+
+    return next(f.default for f in dataclasses.fields(SearchConfig) if f.name == name)
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search",
+        help="search a pruned shape of a model at a FLOP budget (TAS)",
+        description="Transformable Architecture Search: learn the width of every conv and the "
+        "depth of every stage of --model under a FLOP budget, alternating SGD steps on the "
+        "supernet's weights (one half of the training set) and Adam steps on the width/depth "
+        "distributions (the other half, cross-entropy + FLOP loss). Writes into --out DIR: "
+        "shape.json (the searched shape: train it with `tasprune train --shape DIR/shape.json`), "
+        "metrics.jsonl (a 'search' line per epoch, a 'derive' line at the end) and search.pt "
+        "(resumable checkpoint, updated every epoch).",
+    )
+    p.add_argument("--model", required=True, help="registered model name (see `tasprune models`)")
+    p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
+    p.add_argument("--flops-ratio", type=float, required=True, metavar="R",
+                   help="FLOP budget as a fraction of the unpruned model's FLOPs, in (0, 1]")
+    p.add_argument("--epochs", type=int, required=True, help="search epochs (paper: 600)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
+    p.add_argument("--teacher", metavar="PATH", help="start the supernet from this trained "
+                   "unpruned model: a run directory, model.safetensors (shape.json beside it) "
+                   "or a train.pt/best.pt checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the search in DIR from its "
+                   "search.pt (same settings); starts afresh if there is none")
+    p.add_argument("--seed", type=int, help=f"random seed (default {_search_default('seed')})")
+    p.add_argument("--batch-size", type=int, help="batch size of each half (default "
+                   f"{_search_default('batch_size')})")
+    p.add_argument("--channel-multiple", type=int, metavar="N", help="round every width "
+                   "choice to a multiple of N, e.g. 8 (default 1: no rounding)")
+    p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from tasprune.export import load_pruned
+    from tasprune.search.searcher import SearchConfig, check_budget, search
+    from tasprune.search.space import SearchSpace
+
+    data = _load_data(args.data, args.quiet)
+    full = Shape.full(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                      resolution=data.resolution)
+    multiple = 1 if args.channel_multiple is None else args.channel_multiple
+    check_budget(SearchSpace.from_shape(full, multiple_of=multiple), args.flops_ratio)
+    settings = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+    config = SearchConfig(flops_ratio=args.flops_ratio, epochs=args.epochs,
+                          channel_multiple=multiple,
+                          **{k: v for k, v in settings.items() if v is not None})
+    teacher_state = None
+    if args.teacher:
+        teacher = load_pruned(args.teacher)
+        if teacher.shape != full:
+            raise UserError(
+                f"--teacher {args.teacher} is {teacher.shape.describe()} with "
+                f"{teacher.shape.num_classes} classes; the search starts from the unpruned "
+                f"{args.model} for {args.data} ({full.num_classes} classes, {full.in_channels} "
+                f"input channels): train one with `tasprune train --model {args.model}`"
+            )
+        teacher_state = teacher.state_dict()
+    result = search(full, data, config, args.out, teacher_state=teacher_state,
+                    resume=args.resume, quiet=args.quiet)
+    band = "inside" if result.in_band else "outside"
+    print(f"{args.out}: searched {result.shape.describe()}: FLOPs {_fmt_count(result.flops)} "
+          f"= {result.flops / result.full_flops:.3f} of the unpruned {args.model} (target "
+          f"{config.flops_ratio}, {band} the band [{config.flops_ratio - config.tolerance:.3f}, "
+          f"{config.flops_ratio}]), params {_fmt_count(result.params)}")
+    print(f"wrote {args.out}/shape.json (the shape), metrics.jsonl, search.pt")
+    return 0
+
+
 # eval -------------------------------------------------------------------------------
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -470,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tasprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_prune, _add_demo, _add_train, _add_eval, _add_export,
+    for add in (_add_prune, _add_demo, _add_search, _add_train, _add_eval, _add_export,
                 _add_report, _add_flops, _add_models, _add_recipes, _add_data):
         add(sub)
     return parser

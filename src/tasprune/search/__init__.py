@@ -1,0 +1,28 @@
+"""TAS search: the space of widths and depths, Gumbel sampling, the supernet, the FLOP
+loss and the alternating search loop (see DESIGN.md, "The algorithm, precisely")."""
+
+from tasprune.search.cost import FlopLoss, expected_cost, flop_loss, supernet_flop_loss
+from tasprune.search.sampling import gumbel_softmax, gumbel_topk, tau_at
+from tasprune.search.searcher import SearchConfig, SearchResult, check_budget, search
+from tasprune.search.space import SearchSpace, depth_choices, width_choices
+from tasprune.search.supernet import Arch, SuperNet, channel_interp
+
+__all__ = [
+    "Arch",
+    "FlopLoss",
+    "SearchConfig",
+    "SearchResult",
+    "SearchSpace",
+    "SuperNet",
+    "channel_interp",
+    "check_budget",
+    "depth_choices",
+    "expected_cost",
+    "flop_loss",
+    "gumbel_softmax",
+    "gumbel_topk",
+    "search",
+    "supernet_flop_loss",
+    "tau_at",
+    "width_choices",
+]

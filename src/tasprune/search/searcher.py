@@ -14,7 +14,6 @@ uninterrupted one would (bit-exact on CPU).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tasprune._io import append_jsonl, atomic_write_text, read_jsonl
+from tasprune._io import append_jsonl, drop_records, read_jsonl
 from tasprune.config import from_dict, to_dict
 from tasprune.data.source import DataBundle, per_class_split
 from tasprune.flops import count_flops, count_params
@@ -45,6 +44,8 @@ from tasprune.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from tasprune.train.optim import WarmupCosine, make_sgd
+from tasprune.train.trainer import resolve_device
 
 CHECKPOINT = "search.pt"
 METRICS = "metrics.jsonl"
@@ -84,7 +85,7 @@ class SearchConfig:
     channel_multiple: int = 1
     split_fraction: float = 0.5
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
@@ -279,7 +280,7 @@ def search_epoch(loop: _Loop, epoch: int, quiet: bool = False) -> dict[str, Any]
     flops = count_flops(shape)
     expected = float(supernet_expected_flops(net).detach())
     return {
-        "phase": "search", "epoch": epoch, "tau": tau, "lr": lr,
+        "phase": "search", "epoch": epoch + 1, "tau": tau, "lr": lr,
         "train_loss": s[0] / max(n_seen, 1), "train_acc": s[1] / max(n_seen, 1),
         "valid_loss": s[2] / max(n_seen, 1), "valid_acc": s[3] / max(n_seen, 1),
         "flop_loss": s[4] / max(s[5], 1),
@@ -302,7 +303,8 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     Writes `out_dir/search.pt` (every epoch), `out_dir/metrics.jsonl` (a "search"
     line per epoch, a "derive" line at the end) and `out_dir/shape.json`.
     `teacher_state`: state dict of the trained unpruned network to start from.
-    `resume`: continue from `out_dir/search.pt` with the same config.
+    `resume`: continue from `out_dir/search.pt` (same config; device may differ), or
+    start afresh when there is none.
     """
     out = Path(out_dir)
     _check_data(shape_full, data)
@@ -312,8 +314,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     if not resume and ckpt_path.exists():
         raise ValueError(f"{ckpt_path} exists: pass resume (--resume) to continue that search, "
                          f"or choose another output directory")
-    if resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"{ckpt_path}: no search to resume; run without resume")
+    resume = resume and ckpt_path.exists()  # nothing to resume: start afresh (as train)
     train_idx, valid_idx = per_class_split(data.train.labels, config.split_fraction,
                                            _generator(config.seed, 0, 5))
     steps = min(len(train_idx), len(valid_idx)) // config.batch_size
@@ -323,21 +324,22 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
             f"({len(train_idx)} and {len(valid_idx)} images); use a batch size <= "
             f"{min(len(train_idx), len(valid_idx))}"
         )
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     net = SuperNet(space, _generator(config.seed, 0, 6)).to(device)
     if teacher_state is not None:
         net.load_teacher(teacher_state)
-    w_opt = torch.optim.SGD(net.weight_parameters(), lr=config.lr, momentum=config.momentum,
-                            nesterov=config.nesterov, weight_decay=config.weight_decay)
+    # weight decay on every weight (BN included), as the TAS code
+    w_opt = make_sgd(net.weight_parameters(), config.lr, config.momentum, config.nesterov,
+                     config.weight_decay)
     a_opt = torch.optim.Adam(net.arch_parameters(), lr=config.arch_lr, betas=config.arch_betas,
                              weight_decay=config.arch_weight_decay)
-    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=config.epochs * steps,
-                                                         eta_min=0.0)
+    w_sched = WarmupCosine(w_opt, total_steps=config.epochs * steps)
     start = 0
     if resume:
         start = _restore(ckpt_path, device, shape_full, config, net, w_opt, a_opt, w_sched)
     out.mkdir(parents=True, exist_ok=True)
-    _drop_search_records(metrics_path, start)
+    drop_records(metrics_path, ("derive",))  # written again at the end
+    drop_records(metrics_path, ("search",), start)  # a resume redoes epochs after `start`
     loop = _Loop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
                  count_flops(shape_full), steps)
     for epoch in range(start, config.epochs):
@@ -407,15 +409,3 @@ def _restore(path: Path, device: torch.device, shape_full: Shape, config: Search
     set_rng_state(state["rng"])
     return int(state["epoch"])
 
-
-def _drop_search_records(path: Path, start: int) -> None:
-    """Keep other phases' lines and search lines of epochs before `start` (a resume
-    replays the rest); a fresh search (start 0) drops all earlier search lines."""
-    if not path.exists():
-        return
-    records = read_jsonl(path)
-    kept = [r for r in records
-            if not (r.get("phase") == "derive"
-                    or (r.get("phase") == "search" and int(r.get("epoch", 0)) >= start))]
-    if len(kept) != len(records):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

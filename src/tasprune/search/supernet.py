@@ -148,27 +148,22 @@ class ChoiceBN(nn.Module):
             return F.batch_norm(y, self.running_mean[j, :c_max], self.running_var[j, :c_max],
                                 self.weight[j, :c_max], self.bias[j, :c_max], self.training,
                                 BN_MOMENTUM, BN_EPS)
-        scales, shifts = [], []
-        if self.training:
-            rows = zip(choice.rows, choice.values, strict=True)
-            for j, c in rows:
-                scales.append(self.weight[j, :c])
-                shifts.append(self.bias[j, :c])
-            mix, bias = _mixing(choice, scales, shifts, c_max)
-            out, mean, var = _NormMix.apply(y, mix, bias)
-            with torch.no_grad():  # every candidate's running stats see the batch statistics
-                n = y.numel() // c_max
-                var = var * (n / max(n - 1, 1))
-                for j, c in zip(choice.rows, choice.values, strict=True):
-                    self.running_mean[j, :c].lerp_(mean[:c], BN_MOMENTUM)
-                    self.running_var[j, :c].lerp_(var[:c], BN_MOMENTUM)
-            return out
-        for j, c in zip(choice.rows, choice.values, strict=True):
-            scale = self.weight[j, :c] * torch.rsqrt(self.running_var[j, :c] + BN_EPS)
-            scales.append(scale)
-            shifts.append(self.bias[j, :c] - self.running_mean[j, :c] * scale)
-        mix, bias = _mixing(choice, scales, shifts, c_max)
-        return F.conv2d(y, mix[:, :, None, None], bias)
+        rows = _index(choice.rows, y.device)
+        scale, shift = self.weight[rows, :c_max], self.bias[rows, :c_max]
+        if not self.training:  # running statistics: BN is a per-channel affine map
+            scale = scale * torch.rsqrt(self.running_var[rows, :c_max] + BN_EPS)
+            shift = shift - self.running_mean[rows, :c_max] * scale
+            mix, bias = _mixing(choice, scale, shift)
+            return F.conv2d(y, mix[:, :, None, None], bias)
+        mix, bias = _mixing(choice, scale, shift)
+        out, mean, var = _NormMix.apply(y, mix, bias)
+        with torch.no_grad():  # every candidate's running stats see the batch statistics
+            n = y.numel() // c_max
+            var = var * (n / max(n - 1, 1))
+            for j, c in zip(choice.rows, choice.values, strict=True):
+                self.running_mean[j, :c].lerp_(mean[:c], BN_MOMENTUM)
+                self.running_var[j, :c].lerp_(var[:c], BN_MOMENTUM)
+        return out
 
 
 class _NormMix(torch.autograd.Function):
@@ -201,9 +196,10 @@ class _NormMix(torch.autograd.Function):
         y, mix, mean, invstd = ctx.saved_tensors
         n = y.numel() // y.shape[1]
         grad = grad.contiguous(memory_format=torch.channels_last)
-        gsum = _rows(grad).sum(0)
-        gy_t = torch.nn.grad.conv2d_weight(y, (mix.shape[0], mix.shape[1], 1, 1), grad)
-        gram = (gy_t.flatten(1) - gsum[:, None] * mean[None, :]) * invstd  # g^T xhat
+        _, g_y, gsum = torch.ops.aten.convolution_backward(  # g^T y and sum(g), one pass
+            grad, y, mix[:, :, None, None], [mix.shape[0]], [1, 1], [0, 0], [1, 1], False,
+            [0, 0], 1, [False, True, True])
+        gram = (g_y.flatten(1) - gsum[:, None] * mean[None, :]) * invstd  # g^T xhat
         grad_y = None
         if ctx.needs_input_grad[0]:
             mean_gx = (gsum @ mix) / n  # per-channel mean of g_xhat
@@ -220,25 +216,40 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).view(-1, x.shape[1])
 
 
-def _mixing(choice: Choice, scales: list[torch.Tensor], shifts: list[torch.Tensor] | None,
-            c_max: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The c_max x c_max matrix (and bias) of sum_j w_j * resize_j(scale_j * x[:c_j] + shift_j)."""
+_INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+_RESIZE_CACHE: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A cached index tensor of choice rows (saves building one per slot and forward)."""
+    key = (rows, device)
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = torch.tensor(rows, dtype=torch.long, device=device)
+    return _INDEX_CACHE[key]
+
+
+def _resizers(values: tuple[int, ...], dtype: torch.dtype, device: torch.device
+              ) -> torch.Tensor:
+    """[n, c_max, c_max]: candidate n's channel resize c_n -> c_max (zero columns past c_n)."""
+    key = (values, dtype, device)
+    if key not in _RESIZE_CACHE:
+        c_max = max(values)
+        out = torch.zeros(len(values), c_max, c_max, dtype=dtype, device=device)
+        for n, c in enumerate(values):
+            out[n, :, :c] = interp_matrix(c, c_max, dtype, device)
+        _RESIZE_CACHE[key] = out
+    return _RESIZE_CACHE[key]
+
+
+def _mixing(choice: Choice, scale: torch.Tensor, shift: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Matrix [c_max, c_max] and bias of sum_n w_n * resize_n(scale_n * x[:c_n] + shift_n).
+
+    scale, shift: [n, c_max] per candidate (entries past c_n are ignored)."""
     assert choice.weights is not None
-    mix: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    for n, c in enumerate(choice.values):
-        w = choice.weights[n]
-        if c == c_max:
-            part = torch.diag(w * scales[n])
-            b = None if shifts is None else w * shifts[n]
-        else:
-            a = interp_matrix(c, c_max, scales[n].dtype, scales[n].device)
-            part = F.pad(a * (w * scales[n]), (0, c_max - c))
-            b = None if shifts is None else a @ (w * shifts[n])
-        mix = part if mix is None else mix + part
-        if b is not None:
-            bias = b if bias is None else bias + b
-    assert mix is not None
+    weighted = _resizers(choice.values, scale.dtype, scale.device) * choice.weights[:, None, None]
+    mix = (weighted * scale[:, None, :]).sum(0)
+    bias = None if shift is None else torch.einsum("nic,nc->i", weighted, shift)
     return mix, bias
 
 
@@ -264,7 +275,7 @@ class SlotConv(nn.Module):
             return self.bn(F.conv2d(x, w, None, self.stride, self.padding), choice)
         if choice.weights is not None:
             # no BN between: fold the candidates' resize-and-mix into the weight
-            mix, _ = _mixing(choice, [w.new_ones(c) for c in choice.values], None, choice.max)
+            mix, _ = _mixing(choice, w.new_ones(len(choice.values), choice.max), None)
             w = torch.einsum("oc,cikl->oikl", mix, w)
         return F.conv2d(x, w, None, self.stride, self.padding)
 

@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+
+from tasprune import Shape, count_flops
+from tasprune._io import read_jsonl
+from tasprune.data.source import BatchTransform, DataBundle, TensorImages
+from tasprune.search import searcher
+from tasprune.search.cost import flop_loss, supernet_expected_flops, supernet_flop_loss
+from tasprune.search.searcher import SearchConfig, check_budget, search
+from tasprune.search.space import SearchSpace
+from tasprune.search.supernet import SuperNet
+from tasprune.train.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+
+def _data(n: int = 96, classes: int = 4, res: int = 8, seed: int = 0) -> DataBundle:
+    """Random images whose class sets the mean brightness of one channel (learnable)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    images = torch.randint(0, 120, (n, 3, res, res), generator=gen)
+    images[:, 0] += (labels * 40)[:, None, None]
+    src = TensorImages(images.clamp(0, 255).to(torch.uint8), labels)
+    return DataBundle(name="tiny", train=src, test=src, num_classes=classes, in_channels=3,
+                      resolution=res, transform=BatchTransform((0.5,) * 3, (0.25,) * 3, pad=1))
+
+
+def _full(name: str = "resnet8") -> Shape:
+    return Shape.full(name, num_classes=4, resolution=8)
+
+
+def _config(**kw) -> SearchConfig:
+    base = dict(flops_ratio=0.5, epochs=3, batch_size=16, device="cpu", seed=0)
+    return SearchConfig(**{**base, **kw})
+
+
+def test_flop_loss_sign_and_zero_band():
+    full, ratio, tol = 1000, 0.5, 0.05  # target 500, band [450, 500]
+    for current, direction in ((600, 1), (501, 1), (500, 0), (450, 0), (449, -1), (100, -1)):
+        expected = torch.tensor(300.0, dtype=torch.float64, requires_grad=True)
+        fl = flop_loss(expected, current, full, ratio, tol)
+        assert fl.direction == direction
+        if direction == 0:
+            assert fl.loss.item() == 0 and not fl.loss.requires_grad
+            continue
+        fl.loss.backward()
+        assert fl.loss.item() == pytest.approx(direction * math.log(300.0))
+        # gradient descent on the loss moves E[F] down above the target, up below the band
+        assert math.copysign(1, -expected.grad.item()) == -direction
+
+
+def test_expected_flops_follow_the_logits():
+    net = SuperNet(SearchSpace.from_shape(_full("resnet14")))
+    full = count_flops(net.space.full)
+    start = supernet_expected_flops(net).item()
+    assert count_flops(net.space.smallest()) < start < full
+    opt = torch.optim.Adam(net.arch_parameters(), lr=0.1)
+    assert supernet_flop_loss(net, ratio=0.2).direction == 1  # argmax above 20% of the FLOPs
+    steps = 0
+    while (fl := supernet_flop_loss(net, ratio=0.2, tolerance=0.05)).direction == 1:
+        opt.zero_grad()
+        fl.loss.backward()
+        opt.step()
+        steps += 1
+        assert steps < 100, "the FLOP loss never brought the argmax shape down to the target"
+    assert supernet_expected_flops(net).item() < start
+    assert count_flops(net.derive()) <= 0.2 * full
+
+
+def test_impossible_budgets_are_refused_with_the_smallest_ratio():
+    space = SearchSpace.from_shape(_full())
+    low = space.min_flops_ratio()
+    for ratio in (0.0, -0.5, 1.5, low / 2):
+        with pytest.raises(ValueError, match="smallest shape") as err:
+            check_budget(space, ratio)
+        assert f"{low:.4f}" in str(err.value)
+    check_budget(space, 0.5)
+    with pytest.raises(ValueError, match="smallest shape"):
+        search(_full(), _data(), _config(flops_ratio=low / 2), "/nonexistent/never-written")
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="flops_ratio"):
+        SearchConfig(flops_ratio=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        SearchConfig(batch_size=0)
+    with pytest.raises(ValueError, match="tau_min"):
+        SearchConfig(tau_min=6.0)
+    with pytest.raises(ValueError, match="betas"):
+        SearchConfig(arch_betas=(0.5, 1.5))
+    with pytest.raises(ValueError, match="tau_schedule"):
+        SearchConfig(tau_schedule="step")
+    with pytest.raises(ValueError, match="batch size 64 is larger"):
+        search(_full(), _data(n=40), _config(batch_size=64), "/nonexistent/never-written")
+    with pytest.raises(ValueError, match="num_classes"):
+        search(Shape.full("resnet8", resolution=8), _data(), _config(), "/nonexistent/x")
+
+
+def test_search_writes_its_run_directory(tmp_path):
+    result = search(_full("resnet14"), _data(), _config(epochs=3), tmp_path, quiet=True)
+    assert Shape.load(tmp_path / "shape.json") == result.shape
+    assert result.flops == count_flops(result.shape)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    search_lines = [r for r in records if r["phase"] == "search"]
+    assert [r["epoch"] for r in search_lines] == [1, 2, 3]
+    assert search_lines[0]["tau"] == pytest.approx(5.0)
+    assert search_lines[-1]["tau"] == pytest.approx(0.1)
+    assert search_lines[0]["lr"] == pytest.approx(0.1)
+    assert search_lines[-1]["lr"] < search_lines[0]["lr"]
+    for key in ("train_loss", "valid_acc", "expected_flops", "argmax_flops", "width_entropy",
+                "depth_entropy", "images_per_s", "flop_loss"):
+        assert all(math.isfinite(r[key]) for r in search_lines), key
+    assert search_lines[-1]["argmax_flops"] == result.flops
+    derive = records[-1]
+    assert derive["phase"] == "derive" and derive["in_band"] == result.in_band
+    assert derive["flops"] == result.flops and derive["target_ratio"] == 0.5
+    state = load_checkpoint(tmp_path / "search.pt")
+    assert state["epoch"] == 3 and {"supernet", "w_optimizer", "a_optimizer", "w_scheduler",
+                                    "rng", "config"} <= set(state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_search_with_a_high_flop_weight_lands_in_the_band(tmp_path, ratio):
+    # a small arch lr moves the argmax widths a few slots at a time (Adam steps every logit by
+    # about lr, and the logits start within 0.01 of each other), so the band can be hit
+    cfg = _config(epochs=20, batch_size=8, flop_weight=20.0, arch_lr=5e-4, flops_ratio=ratio,
+                  seed=5)
+    result = search(_full("resnet14"), _data(seed=5), cfg, tmp_path, quiet=True)
+    assert result.in_band, result.flops / result.full_flops
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["in_band"] is True
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}
+            for r in records]
+
+
+def test_same_seed_same_result_and_resume_is_exact(tmp_path, monkeypatch):
+    cfg = _config(epochs=4)
+    data = _data()
+    a = search(_full("resnet14"), data, cfg, tmp_path / "a", quiet=True)
+    b = search(_full("resnet14"), data, cfg, tmp_path / "b", quiet=True)
+    assert a.shape == b.shape
+    assert _strip(read_jsonl(tmp_path / "a/metrics.jsonl")) == _strip(
+        read_jsonl(tmp_path / "b/metrics.jsonl"))
+
+    real_epoch = searcher.search_epoch
+
+    def crash_at_epoch_2(loop, epoch, quiet=False):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(loop, epoch, quiet)
+
+    monkeypatch.setattr(searcher, "search_epoch", crash_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        search(_full("resnet14"), data, cfg, tmp_path / "c", quiet=True)
+    assert load_checkpoint(tmp_path / "c/search.pt")["epoch"] == 2
+    monkeypatch.setattr(searcher, "search_epoch", real_epoch)
+    with pytest.raises(ValueError, match="--resume"):
+        search(_full("resnet14"), data, cfg, tmp_path / "c", quiet=True)
+    with pytest.raises(ValueError, match="other search settings"):
+        search(_full("resnet14"), data, _config(epochs=5), tmp_path / "c", resume=True)
+    c = search(_full("resnet14"), data, cfg, tmp_path / "c", resume=True, quiet=True)
+    assert c.shape == a.shape
+    assert _strip(read_jsonl(tmp_path / "c/metrics.jsonl")) == _strip(
+        read_jsonl(tmp_path / "a/metrics.jsonl"))
+    sa = load_checkpoint(tmp_path / "a/search.pt")["supernet"]
+    sc = load_checkpoint(tmp_path / "c/search.pt")["supernet"]
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)

@@ -1,0 +1,189 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasprune import Shape, build_model, count_flops
+from tasprune.search.cost import supernet_expected_flops
+from tasprune.search.searcher import _grad_only
+from tasprune.search.space import SearchSpace
+from tasprune.search.supernet import Arch, Choice, ChoiceBN, SuperNet, _NormMix
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HUGE = 1e4  # a logit this far ahead makes every other probability exactly 0 in float32
+
+
+def _randomise_bn(net: SuperNet, gen: torch.Generator) -> None:
+    """BN parameters and running stats that differ per width choice (so a wrong pick shows)."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, ChoiceBN):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+
+
+def _one_hot(net: SuperNet, shape: Shape) -> None:
+    wi, di = net.space.indices_of(shape)
+    with torch.no_grad():
+        net.width_logits.zero_()
+        net.depth_logits.zero_()
+        net.width_logits[torch.arange(len(wi)), torch.tensor(wi)] = HUGE
+        net.depth_logits[torch.arange(len(di)), torch.tensor(di)] = HUGE
+
+
+def _stride1_projections(model) -> int:
+    return sum(1 for stage in model.stage_modules() for b in stage
+               if b.downsample is not None and b.conv1.stride == (1, 1)
+               and getattr(b, "conv2").stride == (1, 1))
+
+
+CASES = [  # (model, resolution, seed): basic, bottleneck, ImageNet basic and bottleneck
+    ("resnet20", 16, 0),
+    ("cifar-resnet20-bottleneck", 16, 1),
+    ("resnet18", 32, 2),
+    ("resnet50", 32, 3),
+]
+
+
+@pytest.mark.parametrize("name, res, seed", CASES)
+def test_one_hot_supernet_equals_the_pruned_network(name, res, seed):
+    gen = torch.Generator().manual_seed(seed)
+    full = Shape.full(name, num_classes=5, resolution=res)
+    space = SearchSpace.from_shape(full)
+    net = SuperNet(space, gen)
+    _randomise_bn(net, gen)
+    for _ in range(20):  # a shape whose blocks differ in width (stride-1 projections)
+        shape = space.shape([int(torch.randint(len(c), (1,), generator=gen)) for c in
+                             space.widths],
+                            [int(torch.randint(len(d), (1,), generator=gen)) for d in
+                             space.depths])
+        if _stride1_projections(build_model(shape)) > 0:
+            break
+    model = build_model(shape)
+    assert _stride1_projections(model) > 0
+    _one_hot(net, shape)
+    assert net.derive() == shape
+    model.load_state_dict(net.state_dict_for(shape))
+    assert supernet_expected_flops(net).item() == count_flops(shape)
+    x = torch.randn(4, 3, res, res, generator=gen)
+    for train in (False, True):
+        net.train(train)
+        model.train(train)
+        arch = net.sample(tau=5.0, k=2, generator=gen)
+        # zero-weight candidates are dropped: one candidate per slot and stage
+        assert all(c.weights is None for c in arch.widths + arch.depths)
+        assert torch.allclose(net(x, arch), model(x), atol=1e-4, rtol=1e-4)
+    # a train-mode forward updates exactly the chosen BN's running stats like the pruned net's
+    after = net.state_dict_for(shape)
+    for key, value in model.state_dict().items():
+        if "running" in key:
+            assert torch.allclose(after[key], value, rtol=1e-4, atol=1e-5), key
+    assert torch.allclose(net(x, Arch.fixed(space, shape)), model(x), atol=1e-4, rtol=1e-4)
+
+
+def _naive_choice_bn(bn: ChoiceBN, y: torch.Tensor, choice: Choice, training: bool,
+                     stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per-candidate BN on the first c_j channels, resized by adaptive pooling, mixed."""
+    c_max = y.shape[1]
+    total = 0
+    for n, (j, c) in enumerate(zip(choice.rows, choice.values, strict=True)):
+        out = F.batch_norm(y[:, :c], stats[0][j, :c], stats[1][j, :c], bn.weight[j, :c],
+                           bn.bias[j, :c], training, 0.1, 1e-5)
+        rows = out.permute(0, 2, 3, 1).reshape(-1, 1, c)
+        pooled = F.adaptive_avg_pool1d(rows, c_max).reshape(
+            y.shape[0], y.shape[2], y.shape[3], c_max).permute(0, 3, 1, 2)
+        total = total + choice.weights[n] * pooled
+    return total
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_two_candidate_mixing_matches_the_naive_definition(training):
+    gen = torch.Generator().manual_seed(3)
+    choices = (5, 8, 11, 16)
+    bn = ChoiceBN(choices, 16).double().train(training)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.normal_(0, 0.3, generator=gen)
+        bn.running_mean.normal_(0, 0.3, generator=gen)
+        bn.running_var.uniform_(0.5, 1.5, generator=gen)
+    stats = (bn.running_mean.clone(), bn.running_var.clone())
+    y = (torch.randn(6, 11, 4, 4, generator=gen, dtype=torch.float64) * 2 + 1).to(
+        memory_format=torch.channels_last).requires_grad_()
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64, requires_grad=True)
+    choice = Choice(values=(5, 11), rows=(0, 2), weights=w)
+    out = bn(y, choice)
+    ref = _naive_choice_bn(bn, y, choice, training, stats)
+    assert torch.allclose(out, ref, atol=1e-10)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (y, w, bn.weight, bn.bias), g)
+    ref_grads = torch.autograd.grad(ref, (y, w, bn.weight, bn.bias), g)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-9)
+    if training:  # each candidate's running stats moved by its own channels, others untouched
+        assert torch.allclose(bn.running_mean, stats[0], atol=1e-12)
+        assert torch.allclose(bn.running_var, stats[1], atol=1e-12)
+        assert not torch.equal(bn.running_mean[0, :5], bn.running_mean.new_zeros(5))
+
+
+def test_fused_normalise_and_mix_gradcheck():
+    gen = torch.Generator().manual_seed(4)
+    y = torch.randn(3, 4, 3, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    mix = torch.randn(4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: _NormMix.apply(a, b, c)[0], (y, mix, bias))
+
+
+def test_samples_keep_two_candidates_and_all_depths_while_logits_are_soft():
+    net = SuperNet(SearchSpace.from_shape(Shape.full("resnet20", resolution=8)))
+    arch = net.sample(tau=5.0, k=2, generator=torch.Generator().manual_seed(0))
+    assert all(len(c.values) == 2 and c.weights is not None for c in arch.widths)
+    assert all(c.values == (1, 2, 3) for c in arch.depths)
+    out = net(torch.randn(2, 3, 8, 8), arch)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_each_step_computes_only_its_own_gradients():
+    net = SuperNet(SearchSpace.from_shape(Shape.full("resnet14", num_classes=3, resolution=8)))
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    weights, arch = net.weight_parameters(), net.arch_parameters()
+    with _grad_only(weights, arch):
+        F.cross_entropy(net(x, net.sample(5.0)), y).backward()
+    assert all(p.grad is None for p in arch)
+    assert all(p.grad is not None for p in (net.stem.weight, net.fc.weight))
+    net.zero_grad(set_to_none=True)
+    with _grad_only(arch, weights):
+        F.cross_entropy(net(x, net.sample(5.0)), y).backward()
+    assert all(p.grad is None for p in weights)
+    assert net.width_logits.grad.abs().sum() > 0 and net.depth_logits.grad.abs().sum() > 0
+    assert all(p.requires_grad for p in net.parameters())  # restored
+
+
+def test_teacher_initialisation():
+    gen = torch.Generator().manual_seed(5)
+    full = Shape.full("resnet20", num_classes=4, resolution=8)
+    teacher = build_model(full)
+    with torch.no_grad():
+        for name, t in teacher.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5 if "var" in name
+                        else torch.randn(t.shape, generator=gen) * 0.3)
+    teacher.eval()
+    net = SuperNet(SearchSpace.from_shape(full)).eval()
+    net.load_teacher(teacher.state_dict())
+    _one_hot(net, full)
+    x = torch.randn(3, 3, 8, 8, generator=gen)
+    assert torch.allclose(net(x, net.sample(1.0)), teacher(x), atol=1e-4)
+    # narrower choices start from the first channels of the teacher's BN
+    smaller = full.replace(widths=tuple(c[-2] for c in net.space.widths))
+    cut = net.state_dict_for(smaller)
+    c = smaller.widths[1]
+    assert torch.equal(cut["layer1.0.bn1.weight"], teacher.layer1[0].bn1.weight[:c])
+    assert torch.equal(cut["layer1.0.conv1.weight"],
+                       teacher.layer1[0].conv1.weight[:c, : smaller.widths[0]])
+    wrong = build_model(full.replace(num_classes=7)).state_dict()
+    with pytest.raises(ValueError, match="fc.weight"):
+        net.load_teacher(wrong)
+    with pytest.raises(ValueError, match="does not fit"):
+        net.load_teacher({k: v for k, v in teacher.state_dict().items() if "layer3" not in k})
