@@ -95,7 +95,7 @@ def test_config_validation_messages():
         SearchConfig(tau_schedule="step")
     with pytest.raises(ValueError, match="batch size 64 is larger"):
         search(_full(), _data(n=40), _config(batch_size=64), "/nonexistent/never-written")
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="10 classes"):
         search(Shape.full("resnet8", resolution=8), _data(), _config(), "/nonexistent/x")
 
 

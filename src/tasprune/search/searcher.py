@@ -45,7 +45,7 @@ from tasprune.train.checkpoint import (
     set_rng_state,
 )
 from tasprune.train.optim import WarmupCosine, make_sgd
-from tasprune.train.trainer import resolve_device
+from tasprune.train.trainer import check_fits_data, resolve_device
 
 CHECKPOINT = "search.pt"
 METRICS = "metrics.jsonl"
@@ -151,17 +151,6 @@ def check_budget(space: SearchSpace, flops_ratio: float) -> None:
             f"{low:.4f} of the unpruned FLOPs; choose a ratio in [{math.ceil(low * 1e4) / 1e4}"
             f", 1]"
         )
-
-
-def _check_data(shape: Shape, data: DataBundle) -> None:
-    for name in ("num_classes", "in_channels", "resolution"):
-        if getattr(shape, name) != getattr(data, name):
-            raise ValueError(
-                f"the network has {name} = {getattr(shape, name)} but data {data.name!r} has "
-                f"{getattr(data, name)}; build the shape for this data, e.g. "
-                f"Shape.full(model, num_classes={data.num_classes}, "
-                f"in_channels={data.in_channels}, resolution={data.resolution})"
-            )
 
 
 def _generator(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu"
@@ -307,7 +296,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     start afresh when there is none.
     """
     out = Path(out_dir)
-    _check_data(shape_full, data)
+    check_fits_data(shape_full, data, "network to search")
     space = SearchSpace.from_shape(shape_full, config.width_ratios, config.channel_multiple)
     check_budget(space, config.flops_ratio)
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
