@@ -175,8 +175,8 @@ def _grad_only(train: Sequence[torch.nn.Parameter], frozen: Sequence[torch.nn.Pa
 
 
 @dataclass
-class _Loop:
-    """Everything one epoch needs (kept in one place so a data sharder can be added)."""
+class SearchLoop:
+    """What every epoch of one search uses (one place, so a data sharder can be added)."""
 
     net: SuperNet
     data: DataBundle
@@ -232,7 +232,7 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
     return StepOut(flop=fl, stats=stats)
 
 
-def search_epoch(loop: _Loop, epoch: int, quiet: bool = False) -> dict[str, Any]:
+def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str, Any]:
     """One epoch of alternating weight / architecture steps; returns its metrics record."""
     net, data, cfg = loop.net, loop.data, loop.config
     device = net.width_logits.device
@@ -329,7 +329,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     out.mkdir(parents=True, exist_ok=True)
     drop_records(metrics_path, ("derive",))  # written again at the end
     drop_records(metrics_path, ("search",), start)  # a resume redoes epochs after `start`
-    loop = _Loop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
+    loop = SearchLoop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
                  count_flops(shape_full), steps)
     for epoch in range(start, config.epochs):
         record = search_epoch(loop, epoch, quiet)
