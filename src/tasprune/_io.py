@@ -63,3 +63,22 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def drop_records(path: str | os.PathLike[str], phases: tuple[str, ...], from_epoch: int = 0
+                 ) -> None:
+    """Remove lines of `phases` whose epoch is after `from_epoch` (all of them for 0).
+
+    A phase that starts afresh drops its old lines; one that resumes after epoch
+    E drops the lines a crash left beyond E (they are redone). Other phases' lines
+    (a run directory's metrics.jsonl is shared by teacher, search and training)
+    are kept.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    records = read_jsonl(path)
+    kept = [r for r in records if not (
+        r.get("phase") in phases and (from_epoch == 0 or int(r.get("epoch", 0)) > from_epoch))]
+    if len(kept) != len(records):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -228,28 +228,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
+    from tasprune.evaluation import evaluate_model
     from tasprune.export import load_pruned
-    from tasprune.flops import count_flops
-    from tasprune.latency import measure_latency
-    from tasprune.train.loop import LoopOptions, evaluate
-    from tasprune.train.trainer import check_fits_data, resolve_device
+    from tasprune.latency import LatencyConfig
+    from tasprune.train.trainer import resolve_device
 
     device = resolve_device(args.device)
     data = _load_data(args.data, args.quiet)
     model = load_pruned(args.path, device=device)
-    check_fits_data(model.shape, data, f"model {args.path}")
-    shape = model.shape.replace(resolution=data.resolution)  # count at the resolution evaluated
-    test = evaluate(model, data.test, data.transform,
-                    LoopOptions(batch_size=args.batch_size, device=device, quiet=args.quiet))
-    latency = ({} if args.no_latency else
-               measure_latency(model, (shape.in_channels, shape.resolution, shape.resolution)))
-    out = {"path": args.path, "data": args.data, "acc": test["acc"], "top5": test["top5"],
-           "loss": test["loss"], "images": int(test["images"]), "flops": count_flops(shape),
-           "params": count_params(shape),
-           "latency_ms": {str(b): ms for b, ms in latency.items()},
-           "threads": torch.get_num_threads()}
+    out = {"path": args.path, "data": args.data,
+           **evaluate_model(model, data, device, args.batch_size,
+                            None if args.no_latency else LatencyConfig(), args.quiet,
+                            f"model {args.path}")}
+    latency = out["latency_ms"]
     if args.json:
         print(json.dumps(out))
         return 0

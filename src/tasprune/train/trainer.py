@@ -22,7 +22,6 @@ as an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from tasprune._io import append_jsonl, atomic_write_text, read_jsonl
+from tasprune._io import append_jsonl, atomic_write_text, drop_records, read_jsonl
 from tasprune.data.source import DataBundle
 from tasprune.export import SHAPE_FILE, save_pruned
 from tasprune.flops import count_flops, count_params
@@ -247,10 +246,10 @@ def train(
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_epoch, best = int(state["epoch"]), dict(state["best"])
-        _truncate_metrics(out / METRICS_FILE, start_epoch)
+        drop_records(out / METRICS_FILE, ("train",), start_epoch)
         _log(config, f"resuming {out} after epoch {start_epoch}/{config.epochs}")
     else:
-        (out / METRICS_FILE).unlink(missing_ok=True)
+        drop_records(out / METRICS_FILE, ("train", "teacher"))
         shape.save(out / SHAPE_FILE)
         atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
         if teacher is not None:
@@ -341,15 +340,3 @@ def _check_resumable(state: dict[str, Any], path: Path, shape: Shape, config: Tr
         had = "with a teacher" if saved_teacher is not None else "without a teacher"
         raise CheckpointError(f"{path}: the run was started {had}; resume with the same "
                               "--teacher")
-
-
-def _truncate_metrics(path: Path, epoch: int) -> None:
-    """Drop records of epochs after `epoch` (written before a crash, redone on resume)."""
-    if not path.exists():
-        return
-    kept = [r for r in read_jsonl(path) if int(r.get("epoch", 0)) <= epoch]
-    atomic_write_text(path, "".join(_json_line(r) for r in kept))
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record) + "\n"

@@ -1,0 +1,257 @@
+"""The run report: `report.md` and PNG plots made from a run directory's files.
+
+Reads what the phases wrote (`shape.json`, `metrics.jsonl`, `summary.json`,
+`teacher/metrics.jsonl`) and draws, headless (matplotlib Agg):
+
+* widths.png   - searched width of every conv against the full width;
+* blocks.png   - blocks kept per stage against the full depth;
+* flops.png    - expected and argmax FLOPs over the search, with the target band;
+* accuracy.png - accuracy curves of search and training (and the teacher);
+* tau.png      - Gumbel temperature and mean distribution entropy over the search.
+
+Plots whose data is missing (e.g. a baseline run has no search) are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from tasprune._io import atomic_write_text, read_json, read_jsonl  # noqa: E402
+from tasprune.flops import count_flops, count_params  # noqa: E402
+from tasprune.shape import Shape  # noqa: E402
+
+REPORT_FILE = "report.md"
+
+
+def _records(path: Path, phase: str) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [r for r in read_jsonl(path) if r.get("phase") == phase]
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None and "epoch" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    for ax in fig.axes:
+        if "epoch" in ax.get_xlabel():
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_widths(shape: Shape, path: Path) -> None:
+    """Bars: full width (light) and searched width (dark) of every conv slot."""
+    full = shape.full_widths
+    kept = [True] * len(full)
+    labels = ["stem"]
+    for s, stage in enumerate(shape.skeleton.stages):
+        for blk in stage:
+            for j, conv in enumerate(blk.convs):
+                kept[conv.slot] = blk.index < shape.blocks[s]
+                labels.append(f"{s + 1}.{blk.index}.{j + 1}")
+    x = list(range(len(full)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(full) + 2), 3.8))
+    ax.bar(x, full, color="#d0d7e2", label="full network", width=0.85)
+    ax.bar([i for i in x if kept[i]], [shape.widths[i] for i in x if kept[i]],
+           color="#2b6cb0", label="searched (kept)", width=0.85)
+    dropped = [i for i in x if not kept[i]]
+    if dropped:
+        ax.bar(dropped, [shape.widths[i] for i in dropped], color="#e2a3a3", width=0.85,
+               label="in a dropped block")
+    step = max(1, len(full) // 40)
+    ax.set_xticks(x[::step])
+    ax.set_xticklabels(labels[::step], rotation=90, fontsize=7)
+    ax.set_xlabel("conv (stage.block.conv)")
+    ax.set_ylabel("output channels")
+    ax.set_title("Width of every convolution: searched vs full")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_blocks(shape: Shape, path: Path) -> None:
+    stages = [f"stage {s + 1}" for s in range(len(shape.depths))]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.bar(stages, shape.depths, color="#d0d7e2", label="full network")
+    ax.bar(stages, shape.blocks, color="#2b6cb0", width=0.5, label="kept")
+    for i, (b, d) in enumerate(zip(shape.blocks, shape.depths, strict=True)):
+        ax.text(i, b, f"{b}/{d}", ha="center", va="bottom", fontsize=9)
+    ax.set_ylim(0, 1.35 * max(shape.depths))  # room for the legend above the bars
+    ax.set_ylabel("residual blocks")
+    ax.set_title("Blocks kept per stage")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_flops(search: list[dict[str, Any]], derive: dict[str, Any] | None, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key, label, style in (("expected_ratio", "expected FLOPs", "--"),
+                              ("flops_ratio", "argmax shape FLOPs", "-")):
+        xs, ys = _series(search, key)
+        ax.plot(xs, ys, style, marker="o", markersize=3, label=label)
+    target = search[-1].get("target_ratio") if search else None
+    tol = (derive or {}).get("tolerance", 0.05)
+    if target is not None:
+        ax.axhspan(target - tol, target, color="#9ae6b4", alpha=0.5,
+                   label=f"target band [{target - tol:.2f}, {target:.2f}]")
+    ax.set_xlabel("search epoch")
+    ax.set_ylabel("FLOPs / FLOPs of the full network")
+    ax.set_title("FLOPs during the search")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_accuracy(search: list[dict[str, Any]], train: list[dict[str, Any]],
+                  teacher_acc: float | None, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for key, label in (("train_acc", "train half"), ("valid_acc", "valid half")):
+        xs, ys = _series(search, key)
+        axes[0].plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=label)
+    axes[0].set_title("Search (supernet, sampled shapes)")
+    axes[0].set_xlabel("search epoch")
+    for key, label in (("acc", "train (augmented)"), ("test_acc", "test")):
+        xs, ys = _series(train, key)
+        axes[1].plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=label)
+    if teacher_acc is not None:
+        axes[1].axhline(100 * teacher_acc, color="grey", ls=":", label="unpruned teacher (test)")
+    axes[1].set_title("Training the pruned shape")
+    axes[1].set_xlabel("training epoch")
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_tau(search: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs, tau = _series(search, "tau")
+    ax.plot(xs, tau, color="#c05621", marker="o", markersize=3, label="tau")
+    ax.set_xlabel("search epoch")
+    ax.set_ylabel("Gumbel-softmax temperature tau", color="#c05621")
+    ax2 = ax.twinx()
+    for key, label, color in (("width_entropy", "width", "#2b6cb0"),
+                              ("depth_entropy", "depth", "#2f855a")):
+        xe, ye = _series(search, key)
+        ax2.plot(xe, ye, marker="s", markersize=3, color=color,
+                 label=f"mean entropy, {label} (nats)")
+    ax2.set_ylabel("mean entropy of the distributions (nats)")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
+    ax.set_title("Temperature and distribution entropy")
+    _save(fig, path)
+
+
+def _fmt(n: float | None, digits: int = 2) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f}{unit}"
+    return f"{n:.0f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _summary_table(summary: dict[str, Any]) -> list[str]:
+    lat = summary.get("latency_ms", {})
+    dense, pruned = lat.get("dense", {}), lat.get("pruned", {})
+    rows = [
+        "| | unpruned | pruned | pruned / unpruned |",
+        "| --- | ---: | ---: | ---: |",
+        f"| top-1 accuracy (test) | {_pct(summary.get('acc_full'))} | "
+        f"{_pct(summary.get('acc_pruned'))} | |",
+        f"| FLOPs (MACs) | {_fmt(summary.get('flops_full'))} | "
+        f"{_fmt(summary.get('flops_pruned'))} | "
+        f"{summary['flops_pruned'] / summary['flops_full']:.3f} "
+        f"(target {summary.get('flops_ratio_target')}) |"
+        if summary.get("flops_full") else "| FLOPs | - | - | - |",
+        f"| params | {_fmt(summary.get('params_full'))} | {_fmt(summary.get('params_pruned'))} | "
+        f"{summary['params_pruned'] / summary['params_full']:.3f} |"
+        if summary.get("params_full") else "| params | - | - | - |",
+    ]
+    for bs in sorted(set(dense) | set(pruned), key=int):
+        d, p = dense.get(bs), pruned.get(bs)
+        speed = f"{d / p:.2f}x faster" if d and p else ""
+        rows.append(f"| CPU latency, batch {bs} (median) | "
+                    f"{'-' if d is None else f'{d:.2f} ms'} | "
+                    f"{'-' if p is None else f'{p:.2f} ms'} | {speed} |")
+    return rows
+
+
+def write_report(run_dir: str | os.PathLike[str]) -> Path:
+    """(Re)generate `report.md` and its PNG plots in `run_dir`; returns the report's path."""
+    run = Path(run_dir)
+    if not (run / "shape.json").is_file():
+        raise FileNotFoundError(f"{run}: no shape.json: not a tasprune run directory "
+                                "(run `tasprune prune`, `search` or `train` into it first)")
+    shape = Shape.load(run / "shape.json")
+    metrics = run / "metrics.jsonl"
+    search = _records(metrics, "search")
+    derive = next(iter(_records(metrics, "derive")[-1:]), None)
+    train = _records(metrics, "train")
+    summary = read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+    teacher_acc = summary.get("acc_full")
+    if teacher_acc is None:
+        teacher = _records(metrics, "teacher") or _records(run / "teacher" / "metrics.jsonl",
+                                                           "train")
+        teacher_acc = next((r["test_acc"] for r in reversed(teacher) if "test_acc" in r), None)
+
+    plot_widths(shape, run / "widths.png")
+    plot_blocks(shape, run / "blocks.png")
+    images = [("Width of every convolution", "widths.png"), ("Blocks per stage", "blocks.png")]
+    if search:
+        plot_flops(search, derive, run / "flops.png")
+        plot_tau(search, run / "tau.png")
+        images += [("FLOPs during the search", "flops.png"),
+                   ("Temperature and entropy", "tau.png")]
+    if search or train:
+        plot_accuracy(search, train, teacher_acc, run / "accuracy.png")
+        images.append(("Accuracy", "accuracy.png"))
+
+    lines = [f"# tasprune run: {run.name}", ""]
+    if summary:
+        lines += ["## Summary", "", *_summary_table(summary), ""]
+    flops, params = count_flops(shape), count_params(shape)
+    full = shape.replace(widths=shape.full_widths, blocks=shape.depths)
+    lines += [
+        "## Shape", "",
+        f"{shape.describe()}; input {shape.in_channels}x{shape.resolution}x{shape.resolution}, "
+        f"{shape.num_classes} classes.", "",
+        f"- FLOPs (multiply-accumulates of conv and linear layers): {flops:,} "
+        f"({flops / count_flops(full):.3f} of the full network's {count_flops(full):,})",
+        f"- params: {params:,} ({params / count_params(full):.3f} of {count_params(full):,})",
+        f"- blocks kept per stage: {list(shape.blocks)} of {list(shape.depths)}",
+        "",
+    ]
+    if derive:
+        band = "inside" if derive.get("in_band") else "outside"
+        lines += [f"The search ended {band} the target band: argmax shape at "
+                  f"{derive['flops_ratio']:.3f} of the full FLOPs, target "
+                  f"{derive['target_ratio']} (tolerance {derive.get('tolerance', 0.05)}).", ""]
+    if train:
+        last = train[-1]
+        best = max((r.get("test_acc", -1) for r in train), default=None)
+        lines += [f"Training: {last['epoch']} epochs, final test accuracy "
+                  f"{_pct(last.get('test_acc'))}, best {_pct(best)}.", ""]
+    for title, name in images:
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    lines += ["Files: `shape.json` (the searched shape), `model.safetensors` (weights, load with "
+              "`tasprune.load_pruned`), `metrics.jsonl` (one line per epoch and phase), "
+              "`config.yaml` (resolved settings).", ""]
+    path = run / REPORT_FILE
+    atomic_write_text(path, "\n".join(lines))
+    return path
