@@ -135,7 +135,7 @@ def test_short_runs_shorten_the_warmup():
     assert TrainConfig(epochs=3, warmup_epochs=1).warmup() == 1
 
 
-def test_kd_alpha_zero_never_runs_the_teacher_in_training(tmp_path):
+def test_kd_alpha_zero_never_runs_the_teacher_in_training(tmp_path, one_thread):
     data = synthetic_bundle()
     teacher = train(_shape(data), data, _config(epochs=1), tmp_path / "t").model
     forwards = []
