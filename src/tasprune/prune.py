@@ -150,6 +150,10 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
           ) -> dict[str, Any]:
     """Run every phase into `out_dir` (see module doc); returns the summary dict."""
     out = Path(out_dir)
+    if quiet:  # silence the training phases' progress too (quiet is a runtime setting)
+        config = dataclasses.replace(
+            config, teacher_train=dataclasses.replace(config.teacher_train, quiet=True),
+            train=dataclasses.replace(config.train, quiet=True))
     if not out.parent.exists():
         raise FileNotFoundError(f"{out.parent}: the parent of the output directory does not "
                                 "exist; create it first or choose another --out")
