@@ -4,7 +4,8 @@ Trains ONE unpruned teacher into ROOT/teacher (or takes --teacher), then for eve
 seed runs each method as a `tasprune prune` run directory ROOT/<method>-seed<k>:
 
     tas       TAS search (supernet started from the teacher), KD training
-    tas-nokd  the same search, training without KD (train.kd_alpha=0)
+    tas-nokd  the same search (reused from tas-seed<k> when that one has finished it),
+              training without KD (train.kd_alpha=0)
     uniform   one width ratio for every conv (bisection), KD training
     l1        global L1-norm filter ranking of the teacher, weights inherited, KD training
     random    best of `random_samples` shapes drawn from the TAS search space, KD training
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 
 from tasprune import Shape, load_data
-from tasprune._io import atomic_write_text
+from tasprune._io import atomic_write_text, read_jsonl
 from tasprune.prune import PruneConfig, load_prune_config, prune
 from tasprune.train.trainer import train
 
@@ -100,6 +102,25 @@ def _teacher(args: argparse.Namespace, root: Path) -> str:
              f"{config.teacher_train.epochs} epochs into {tdir}")
         train(full, data, config.teacher_train, tdir, resume=(tdir / "train.pt").is_file())
     return str(tdir)
+
+
+def reuse_search(root: Path, seed: int, run: Path) -> bool:
+    """Start tas-nokd-seed<k> from the finished search of tas-seed<k>: the same settings and
+    seed give the same shape (the search is deterministic), so it is not run twice. Copies
+    shape.json, search.pt and the search/derive lines; prune() then skips the search."""
+    source = root / f"tas-seed{seed}"
+    metrics = source / "metrics.jsonl"
+    if run.exists() or not (source / "shape.json").is_file() or not metrics.is_file():
+        return False
+    lines = [r for r in read_jsonl(metrics) if r.get("phase") in ("search", "derive")]
+    if not any(r["phase"] == "derive" for r in lines):
+        return False
+    run.mkdir()
+    for name in ("shape.json", "search.pt"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, run / name)
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
+    return True
 
 
 def _log(message: str) -> None:
@@ -187,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             run = root / f"{method}-seed{seed}"
             seeds = [f"search.seed={seed}", f"train.seed={seed}"]
             config = load_prune_config(args.config, (*base, *METHODS[method], *seeds))
+            if method == "tas-nokd" and reuse_search(root, seed, run):
+                _log(f"{run.name}: starting from the search of tas-seed{seed}")
             _log(f"{run.name}: {'resuming' if run.exists() else 'starting'}")
             summary = prune(config, run, quiet=args.quiet)
             row = run_row(method, seed, summary, run)
