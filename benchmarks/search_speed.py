@@ -4,8 +4,11 @@ For every model: `search_img_per_s` counts both batches of a search step (the
 weight step on a train batch and the architecture step on a valid batch, as
 `tasprune.search.searcher.search_step` runs them), `plain_img_per_s` is plain
 SGD training (forward, cross-entropy, backward, step) of the unpruned ResNet at
-the same batch size. The two are timed in alternating rounds so machine noise
-hits both; the ratio of their medians is printed as one JSON line per model.
+the same batch size, as tasprune's trainer runs it on CPU (NCHW).
+`plain_cl_img_per_s` is the same plain training in channels-last memory format
+(the layout the supernet uses internally), for reference. All are timed in
+alternating rounds so machine noise hits each; the ratios of their medians are
+printed as one JSON line per model.
 
     python benchmarks/search_speed.py --model resnet20 resnet56 --batch 128 --threads 2
 """
@@ -53,6 +56,17 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
         loss.backward()
         p_opt.step()
 
+    plain_cl = build_model(full).train().to(memory_format=torch.channels_last)
+    cl_opt = torch.optim.SGD(plain_cl.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                             weight_decay=5e-4)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def plain_cl_step() -> None:
+        loss = F.cross_entropy(plain_cl(x_cl), y)
+        cl_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        cl_opt.step()
+
     config = SearchConfig(flops_ratio=0.5, batch_size=batch, lr=0.01, seed=seed)
     net = SuperNet(SearchSpace.from_shape(full), torch.Generator().manual_seed(seed)).train()
     w_opt = torch.optim.SGD(net.weight_parameters(), lr=config.lr, momentum=config.momentum,
@@ -65,13 +79,15 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
     def search_step_() -> None:
         search_step(net, (x, y), (xv, yv), w_opt, a_opt, config, tau, gen, full_flops)
 
-    plain_step()  # warm-up (allocator, oneDNN primitive caches)
-    search_step_()
-    plain_s, search_s = [], []
+    for fn in (plain_step, plain_cl_step, search_step_):  # warm-up (allocator, oneDNN caches)
+        fn()
+    plain_s, cl_s, search_s = [], [], []
     for _ in range(rounds):
         plain_s.append(_time(plain_step, steps))
         search_s.append(_time(search_step_, steps))
+        cl_s.append(_time(plain_cl_step, steps))
     plain_ips = batch * steps / statistics.median(plain_s)
+    cl_ips = batch * steps / statistics.median(cl_s)
     search_ips = 2 * batch * steps / statistics.median(search_s)
     return {
         "model": model, "batch": batch, "threads": torch.get_num_threads(), "tau": tau,
@@ -79,6 +95,8 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
         "search_img_per_s": round(search_ips, 1), "plain_img_per_s": round(plain_ips, 1),
         "ratio": round(search_ips / plain_ips, 3),
         "round_ratios": [round(2 * p / s, 3) for p, s in zip(plain_s, search_s, strict=True)],
+        "plain_cl_img_per_s": round(cl_ips, 1), "ratio_vs_channels_last": round(
+            search_ips / cl_ips, 3),
     }
 
 

@@ -207,13 +207,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # search -----------------------------------------------------------------------------
-def _search_default(name: str) -> Any:
+def _add_search(sub: argparse._SubParsersAction) -> None:
     from tasprune.search.searcher import SearchConfig
 
-    return next(f.default for f in dataclasses.fields(SearchConfig) if f.name == name)
-
-
-def _add_search(sub: argparse._SubParsersAction) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
     p = sub.add_parser(
         "search",
         help="search a pruned shape of a model at a FLOP budget (TAS)",
@@ -236,9 +233,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    "or a train.pt/best.pt checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the search in DIR from its "
                    "search.pt (same settings); starts afresh if there is none")
-    p.add_argument("--seed", type=int, help=f"random seed (default {_search_default('seed')})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {defaults['seed']})")
     p.add_argument("--batch-size", type=int, help="batch size of each half (default "
-                   f"{_search_default('batch_size')})")
+                   f"{defaults['batch_size']})")
     p.add_argument("--channel-multiple", type=int, metavar="N", help="round every width "
                    "choice to a multiple of N, e.g. 8 (default 1: no rounding)")
     p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N")

@@ -22,7 +22,6 @@ from tasprune.flops import DepthDist, WidthDist, count_flops, expected_flops
 from tasprune.search.sampling import masked_softmax
 from tasprune.search.space import SearchSpace
 from tasprune.search.supernet import SuperNet
-from tasprune.shape import Shape
 
 
 def expected_cost(space: SearchSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor,
@@ -53,11 +52,6 @@ class FlopLoss:
     tolerance: float  # tolerance * F_full
     direction: int  # +1: above target (shrink), -1: below the band (grow), 0: inside
 
-    def as_dict(self) -> dict[str, float]:
-        return {"flop_loss": float(self.loss), "expected_flops": self.expected,
-                "argmax_flops": self.current, "target_flops": self.target,
-                "direction": self.direction}
-
 
 def flop_loss(expected: torch.Tensor, current: int, full: int, ratio: float,
               tolerance: float = 0.05) -> FlopLoss:
@@ -80,8 +74,3 @@ def supernet_flop_loss(net: SuperNet, ratio: float, tolerance: float = 0.05,
     return flop_loss(supernet_expected_flops(net), count_flops(net.derive()), full, ratio,
                      tolerance)
 
-
-def in_band(shape: Shape, full: Shape, ratio: float, tolerance: float = 0.05) -> bool:
-    """Whether a shape's FLOPs lie in the zero-loss band [F_tgt - t, F_tgt]."""
-    f, ff = count_flops(shape), count_flops(full)
-    return ratio * ff - tolerance * ff <= f <= ratio * ff

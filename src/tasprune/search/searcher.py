@@ -45,7 +45,7 @@ from tasprune.train.checkpoint import (
     set_rng_state,
 )
 from tasprune.train.optim import WarmupCosine, make_sgd
-from tasprune.train.trainer import resolve_device
+from tasprune.train.trainer import check_fits_data, resolve_device
 
 CHECKPOINT = "search.pt"
 METRICS = "metrics.jsonl"
@@ -153,17 +153,6 @@ def check_budget(space: SearchSpace, flops_ratio: float) -> None:
         )
 
 
-def _check_data(shape: Shape, data: DataBundle) -> None:
-    for name in ("num_classes", "in_channels", "resolution"):
-        if getattr(shape, name) != getattr(data, name):
-            raise ValueError(
-                f"the network has {name} = {getattr(shape, name)} but data {data.name!r} has "
-                f"{getattr(data, name)}; build the shape for this data, e.g. "
-                f"Shape.full(model, num_classes={data.num_classes}, "
-                f"in_channels={data.in_channels}, resolution={data.resolution})"
-            )
-
-
 def _generator(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu"
                ) -> torch.Generator:
     """An independent generator per (seed, epoch, purpose)."""
@@ -186,8 +175,8 @@ def _grad_only(train: Sequence[torch.nn.Parameter], frozen: Sequence[torch.nn.Pa
 
 
 @dataclass
-class _Loop:
-    """Everything one epoch needs (kept in one place so a data sharder can be added)."""
+class SearchLoop:
+    """What every epoch of one search uses (one place, so a data sharder can be added)."""
 
     net: SuperNet
     data: DataBundle
@@ -243,7 +232,7 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
     return StepOut(flop=fl, stats=stats)
 
 
-def search_epoch(loop: _Loop, epoch: int, quiet: bool = False) -> dict[str, Any]:
+def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str, Any]:
     """One epoch of alternating weight / architecture steps; returns its metrics record."""
     net, data, cfg = loop.net, loop.data, loop.config
     device = net.width_logits.device
@@ -307,7 +296,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     start afresh when there is none.
     """
     out = Path(out_dir)
-    _check_data(shape_full, data)
+    check_fits_data(shape_full, data, "network to search")
     space = SearchSpace.from_shape(shape_full, config.width_ratios, config.channel_multiple)
     check_budget(space, config.flops_ratio)
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
@@ -340,7 +329,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     out.mkdir(parents=True, exist_ok=True)
     drop_records(metrics_path, ("derive",))  # written again at the end
     drop_records(metrics_path, ("search",), start)  # a resume redoes epochs after `start`
-    loop = _Loop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
+    loop = SearchLoop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
                  count_flops(shape_full), steps)
     for epoch in range(start, config.epochs):
         record = search_epoch(loop, epoch, quiet)

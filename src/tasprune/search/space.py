@@ -102,19 +102,11 @@ class SearchSpace:
 
     def width_index(self, slot: int, width: int) -> int:
         """Position of `width` among the choices of `slot` (error if it is not one)."""
-        try:
-            return self.widths[slot].index(width)
-        except ValueError:
-            raise ValueError(f"width {width} of slot {slot} is not in the search space "
-                             f"(choices {list(self.widths[slot])})") from None
+        return _position(self.widths[slot], width, f"width {width} of slot {slot}")
 
     def depth_index(self, stage: int, blocks: int) -> int:
         """Position of `blocks` among the depth choices of `stage` (error if not one)."""
-        try:
-            return self.depths[stage].index(blocks)
-        except ValueError:
-            raise ValueError(f"{blocks} blocks in stage {stage} is not in the search space "
-                             f"(choices {list(self.depths[stage])})") from None
+        return _position(self.depths[stage], blocks, f"{blocks} blocks in stage {stage}")
 
     def indices_of(self, shape: Shape) -> tuple[list[int], list[int]]:
         """Choice indices (widths, depths) of a shape of this space.
@@ -129,6 +121,12 @@ class SearchSpace:
                   else len(self.widths[s]) - 1 for s, w in enumerate(shape.widths)]
         depths = [self.depth_index(s, b) for s, b in enumerate(shape.blocks)]
         return widths, depths
+
+
+def _position(choices: tuple[int, ...], value: int, what: str) -> int:
+    if value not in choices:
+        raise ValueError(f"{what} is not in the search space (choices {list(choices)})")
+    return choices.index(value)
 
 
 def used_slots(shape: Shape) -> set[int]:

@@ -333,12 +333,10 @@ class SuperNet(nn.Module):
             stages.append(nn.ModuleList(blocks))
         self.stages = nn.ModuleList(stages)
         self.fc = nn.Linear(cin, full.num_classes)
-        wmask, wvals = _padded(space.widths)
-        dmask, dvals = _padded(space.depths)
+        wmask, dmask = _mask(space.widths), _mask(space.depths)
+        # logits of every slot (stage) in one padded matrix; the masks mark real choices
         self.register_buffer("width_mask", wmask, persistent=False)
         self.register_buffer("depth_mask", dmask, persistent=False)
-        self.register_buffer("width_values", wvals, persistent=False)
-        self.register_buffer("depth_values", dvals, persistent=False)
         self.width_logits = nn.Parameter(torch.zeros(wmask.shape))
         self.depth_logits = nn.Parameter(torch.zeros(dmask.shape))
         self.reset_parameters(generator)
@@ -474,15 +472,12 @@ def _stage_forward(blocks: nn.ModuleList, x: torch.Tensor, widths: tuple[Choice,
     return total
 
 
-def _padded(choices: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of real entries and choice values of a ragged list, padded to a matrix."""
-    cols = max(len(c) for c in choices)
-    mask = torch.zeros(len(choices), cols, dtype=torch.bool)
-    values = torch.zeros(len(choices), cols, dtype=torch.float64)
+def _mask(choices: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """[rows, max choices] mask of the real entries of a ragged list of choices."""
+    mask = torch.zeros(len(choices), max(len(c) for c in choices), dtype=torch.bool)
     for r, c in enumerate(choices):
         mask[r, : len(c)] = True
-        values[r, : len(c)] = torch.tensor(c, dtype=torch.float64)
-    return mask, values
+    return mask
 
 
 @dataclass(frozen=True)
