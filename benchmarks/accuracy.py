@@ -26,6 +26,7 @@ and writes ROOT/results.jsonl and ROOT/results.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -100,7 +101,9 @@ def _teacher(args: argparse.Namespace, root: Path) -> str:
                           in_channels=data.in_channels, resolution=data.resolution)
         _log(f"teacher: training the unpruned {config.model} for "
              f"{config.teacher_train.epochs} epochs into {tdir}")
-        train(full, data, config.teacher_train, tdir, resume=(tdir / "train.pt").is_file())
+        settings = dataclasses.replace(config.teacher_train,
+                                       quiet=args.quiet or config.teacher_train.quiet)
+        train(full, data, settings, tdir, resume=(tdir / "train.pt").is_file())
     return str(tdir)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasprune import __version__
+from tasprune.baselines import METHODS as BASELINE_METHODS
 from tasprune.data import DATA_SPEC_HELP, DataBundle, load_data
 from tasprune.flops import count_params, layer_table
 from tasprune.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
@@ -508,7 +509,7 @@ def _add_baseline(sub: argparse._SubParsersAction) -> None:
         "search.pt; the 'derive' line of metrics.jsonl names the method). Re-running resumes "
         "as `prune` does. Same settings as `prune` (recipe, flags, key=value overrides).",
     )
-    p.add_argument("--method", required=True, choices=("uniform", "l1", "random"),
+    p.add_argument("--method", required=True, choices=BASELINE_METHODS,
                    help="how the pruned shape is chosen")
     _add_run_arguments(p)
     p.set_defaults(func=cmd_prune)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,8 +53,8 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 # settings that may change between a run and its resumption
 _RUNTIME_KEYS = {"quiet", "device", "amp", "eval_every"}
-METHODS = ("tas", "uniform", "l1", "random")
 Method = Literal["tas", "uniform", "l1", "random"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         _write_shape(config, full, shape, out)
     else:
         resume = (out / "search.pt").is_file()
-        teacher_state = teacher.state_dict() if teacher.shape.replace(
-            resolution=full.resolution) == full else None
+        teacher_state = teacher.state_dict() if _is_unpruned(teacher, full) else None
         if teacher_state is None:
             _log(quiet, "search: the teacher is not the unpruned model; the supernet starts "
                  "from scratch")
@@ -215,6 +215,11 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     return summary
 
 
+def _is_unpruned(teacher: ResNet, full: Shape) -> bool:
+    """Whether the teacher is the unpruned network `full` (at any input resolution)."""
+    return teacher.shape.replace(resolution=full.resolution) == full
+
+
 def baseline_shape(config: PruneConfig, full: Shape, teacher: ResNet) -> Shape:
     """The shape of a baseline method (uniform, l1, random) at search.flops_ratio."""
     ratio = config.search.flops_ratio
@@ -225,7 +230,7 @@ def baseline_shape(config: PruneConfig, full: Shape, teacher: ResNet) -> Shape:
                             seed=config.search.seed, ratios=config.search.width_ratios,
                             multiple_of=config.search.channel_multiple)
     if config.method == "l1":
-        if teacher.shape.replace(resolution=full.resolution) != full:
+        if not _is_unpruned(teacher, full):
             raise ValueError(f"method l1 ranks the filters of the unpruned {config.model}, but "
                              f"the teacher is {teacher.shape.describe()}; give a trained "
                              f"unpruned {config.model} as teacher, or none to train one")
