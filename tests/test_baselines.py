@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tasprune import Shape, build_model, count_flops
-from tasprune.baselines import l1_shape, uniform_shape
+from tasprune.baselines import l1_shape, random_shape, uniform_shape
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet164", "resnet18"])
@@ -45,3 +45,38 @@ def test_errors():
     other["conv1.weight"] = torch.zeros(8, 3, 3, 3)
     with pytest.raises(ValueError, match="another model"):
         l1_shape(Shape.full("resnet20"), other, 0.5)
+
+
+def test_random_is_in_the_search_space_and_meets_the_budget():
+    from tasprune.search.space import SearchSpace, used_slots
+
+    full = Shape.full("resnet20")
+    space = SearchSpace.from_shape(full)
+    shape = random_shape(full, 0.5, samples=300, seed=3)
+    flops, target = count_flops(shape), 0.5 * count_flops(full)
+    assert 0.9 * target < flops <= target  # the best of 300 draws lands close below
+    assert all(b in space.depths[s] for s, b in enumerate(shape.blocks))
+    used = used_slots(shape)
+    for slot, width in enumerate(shape.widths):
+        assert width in space.widths[slot] if slot in used else width == full.widths[slot]
+    assert shape != uniform_shape(full, 0.5)
+
+
+def test_random_is_seeded_and_respects_the_space_options():
+    full = Shape.full("resnet20")
+    a = random_shape(full, 0.6, samples=50, seed=0)
+    assert a == random_shape(full, 0.6, samples=50, seed=0)
+    assert a != random_shape(full, 0.6, samples=50, seed=1)
+    coarse = random_shape(full, 0.6, samples=50, ratios=(0.5, 1.0), multiple_of=8)
+    assert all(w % 8 == 0 for w in coarse.widths)
+
+
+def test_random_errors():
+    full = Shape.full("resnet20")
+    with pytest.raises(ValueError, match="samples must be"):
+        random_shape(full, 0.5, samples=0)
+    with pytest.raises(ValueError, match="below the smallest reachable"):
+        random_shape(full, 0.01)
+    # just above the smallest shape of the space: two uniform draws cannot reach it
+    with pytest.raises(ValueError, match="none of 2 random shapes"):
+        random_shape(full, 0.1, samples=2)

@@ -133,3 +133,22 @@ def test_short_runs_shorten_the_warmup():
     assert TrainConfig(epochs=300).warmup() == 5
     assert TrainConfig(epochs=3).warmup() == pytest.approx(0.3)
     assert TrainConfig(epochs=3, warmup_epochs=1).warmup() == 1
+
+
+def test_kd_alpha_zero_never_runs_the_teacher_in_training(tmp_path, one_thread):
+    data = synthetic_bundle()
+    teacher = train(_shape(data), data, _config(epochs=1), tmp_path / "t").model
+    forwards = []
+    teacher.register_forward_pre_hook(lambda m, i: forwards.append(i[0].shape[0]))
+    result = train(_shape(data), data, _config(epochs=2, kd_alpha=0.0), tmp_path / "s",
+                   teacher=teacher)
+    # the teacher ran once over the test split (the "teacher" metrics line), never in training
+    assert sum(forwards) == len(data.test)
+    records = read_jsonl(tmp_path / "s" / "metrics.jsonl")
+    assert [r["phase"] for r in records] == ["teacher", "train", "train"]
+    assert all(r["kd_loss"] == 0 and r["loss"] == r["task_loss"] for r in records[1:])
+    assert result.metrics["epoch"] == 2
+    # with alpha > 0 the teacher does run on every training batch
+    forwards.clear()
+    train(_shape(data), data, _config(epochs=1, kd_alpha=0.5), tmp_path / "k", teacher=teacher)
+    assert sum(forwards) > len(data.test)

@@ -4,8 +4,9 @@
 * l1: a global ranking of the teacher's filters by mean absolute weight (the
   L1 norm divided by the filter's size, so layers of different fan-in compare),
   dropping the weakest filters until the FLOP budget is met;
-* random: shapes sampled from the TAS search space, the one closest to the
-  target kept.
+* random: shapes sampled uniformly from the TAS search space (a width choice per
+  conv slot, a depth choice per stage); the one with the most FLOPs at or below
+  the target is kept (never one above it, so every method meets the same budget).
 
 Depths stay full for uniform and l1 (they prune channels only). All three
 return a `Shape`; training it (with KD, weight inheritance for l1) is the same
@@ -15,11 +16,12 @@ recipe as for a searched shape.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from tasprune.flops import count_flops
+from tasprune.search.space import DEFAULT_RATIOS, SearchSpace, used_slots
 from tasprune.shape import Shape
 
 METHODS = ("uniform", "l1", "random")
@@ -110,3 +112,44 @@ def _slot_weight_names(full: Shape) -> list[str]:
             names.extend(f"layer{s + 1}.{blk.index}.conv{j + 1}.weight"
                          for j in range(len(blk.convs)))
     return names
+
+
+def random_shape(full: Shape, flops_ratio: float, samples: int = 1000, seed: int = 0,
+                 ratios: Sequence[float] = DEFAULT_RATIOS, multiple_of: int = 1) -> Shape:
+    """The best of `samples` shapes drawn uniformly from the TAS search space.
+
+    Every conv slot draws one of its width choices and every stage one of its
+    depth choices, each uniformly (`ratios`/`multiple_of` as in
+    `SearchSpace.from_shape`). Of the draws at or below `flops_ratio` of the full
+    FLOPs, the one with the most FLOPs is kept; draws above the budget are never
+    chosen. Slots of dropped blocks are set to their full width (they are unused).
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    space = SearchSpace.from_shape(full, ratios, multiple_of)
+    target = _check_ratio(full, flops_ratio, space.smallest())
+    gen = torch.Generator().manual_seed(seed)
+    n_widths = torch.tensor([len(c) for c in space.widths])
+    n_depths = torch.tensor([len(c) for c in space.depths])
+    width_idx = (torch.rand(samples, space.num_slots, generator=gen) * n_widths).long()
+    depth_idx = (torch.rand(samples, space.num_stages, generator=gen) * n_depths).long()
+    best: tuple[int, Shape] | None = None
+    for w, d in zip(width_idx.tolist(), depth_idx.tolist(), strict=True):
+        shape = _tidy(space.shape(w, d))
+        flops = count_flops(shape)
+        if flops <= target and (best is None or flops > best[0]):
+            best = (flops, shape)
+    if best is None:
+        raise ValueError(
+            f"none of {samples} random shapes has at most {flops_ratio} of the FLOPs (the "
+            f"smallest shape of the space has {space.min_flops_ratio():.4f}); draw more "
+            "samples or use a larger ratio")
+    return best[1]
+
+
+def _tidy(shape: Shape) -> Shape:
+    """`shape` with the widths of dropped blocks' slots reset to full (they are unused)."""
+    used = used_slots(shape)
+    widths = tuple(w if s in used else f
+                   for s, (w, f) in enumerate(zip(shape.widths, shape.full_widths, strict=True)))
+    return shape.replace(widths=widths)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasprune import __version__
+from tasprune.baselines import METHODS as BASELINE_METHODS
 from tasprune.data import DATA_SPEC_HELP, DataBundle, load_data
 from tasprune.flops import count_params, layer_table
 from tasprune.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
@@ -437,6 +438,12 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "checkpoint. Settings: defaults < --config recipe < these flags < key=value overrides "
         "(dotted keys, e.g. search.epochs=20 train.batch_size=64).",
     )
+    _add_run_arguments(p)
+    p.set_defaults(func=cmd_prune, method=None)
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments `prune` and `baseline` share."""
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. search.epochs=10 teacher_train.epochs=5")
     p.add_argument("--out", required=True, help="run directory (created; its parent must exist)")
@@ -448,18 +455,21 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                    "without it a teacher is trained first")
     p.add_argument("--config", help="recipe: a YAML file or a shipped name (see "
                    "`tasprune recipes`)")
+    p.add_argument("--no-kd", action="store_true", help="train the pruned shape without "
+                   "knowledge distillation (same as train.kd_alpha=0)")
     p.add_argument("--seed", type=int, help="seed of every phase")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N for every phase")
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.set_defaults(func=cmd_prune)
 
 
 def _prune_overrides(args: argparse.Namespace) -> list[str]:
     flags = []
-    for key, value in (("model", args.model), ("data", args.data),
+    for key, value in (("model", args.model), ("data", args.data), ("method", args.method),
                        ("search.flops_ratio", args.flops_ratio), ("teacher", args.teacher)):
         if value is not None:
             flags.append(f"{key}={value}")
+    if args.no_kd:
+        flags.append("train.kd_alpha=0")
     for phase in ("teacher_train", "search", "train"):
         if args.seed is not None:
             flags.append(f"{phase}.seed={args.seed}")
@@ -481,6 +491,28 @@ def _run_prune(recipe: str | None, overrides: list[str], out: str, quiet: bool) 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     return _run_prune(args.config, _prune_overrides(args), args.out, args.quiet)
+
+
+_BASELINE_FILES = _RUN_FILES.replace("search.pt, ", "")
+
+
+def _add_baseline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "baseline",
+        help="prune with a hand-set method (uniform, l1, random) instead of TAS, same pipeline",
+        description="Like `prune`, but the shape comes from a baseline at the same FLOP budget "
+        "instead of a search: uniform (one width ratio for every conv, by bisection), l1 "
+        "(global ranking of the teacher's filters by mean |weight|; the pruned net inherits "
+        "the teacher's weights) or random (the best of random_samples=N shapes drawn from the "
+        "TAS search space, never above the budget). The shape is trained with the same "
+        f"recipe (KD unless --no-kd). Writes into --out DIR: {_BASELINE_FILES} (no "
+        "search.pt; the 'derive' line of metrics.jsonl names the method). Re-running resumes "
+        "as `prune` does. Same settings as `prune` (recipe, flags, key=value overrides).",
+    )
+    p.add_argument("--method", required=True, choices=BASELINE_METHODS,
+                   help="how the pruned shape is chosen")
+    _add_run_arguments(p)
+    p.set_defaults(func=cmd_prune)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -543,8 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tasprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_prune, _add_demo, _add_search, _add_train, _add_eval, _add_export,
-                _add_report, _add_flops, _add_models, _add_recipes, _add_data):
+    for add in (_add_prune, _add_baseline, _add_demo, _add_search, _add_train, _add_eval,
+                _add_export, _add_report, _add_flops, _add_models, _add_recipes, _add_data):
         add(sub)
     return parser
 

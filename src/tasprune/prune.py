@@ -4,10 +4,13 @@ Phases (each skipped when its finished output is there, resumed when its
 checkpoint is):
 
 1. teacher - load the user's trained unpruned net, or train one into `DIR/teacher/`;
-2. search  - TAS search into `DIR` (search.pt, shape.json, "search"/"derive" lines
-             of metrics.jsonl), the supernet started from the teacher;
-3. train   - train the searched shape with KD from the teacher (train.pt, best.pt,
-             model.safetensors + shape.json: the deliverable);
+2. search  - method "tas": TAS search into `DIR` (search.pt, shape.json, "search"/"derive"
+             lines of metrics.jsonl), the supernet started from the teacher;
+   shape   - a baseline method ("uniform", "l1", "random"; see `tasprune.baselines`)
+             instead: shape.json and one "derive" line (method, FLOPs, target);
+3. train   - train the shape with KD from the teacher (train.pt, best.pt,
+             model.safetensors + shape.json: the deliverable); `train.kd_alpha=0`
+             trains without KD (the teacher's forward is then skipped);
 4. eval    - teacher and pruned net on the test split, FLOPs, params, CPU latency
              -> summary.json;
 5. report  - report.md and PNG plots.
@@ -18,22 +21,26 @@ made with other settings is refused rather than mixing two experiments.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
-from tasprune._io import atomic_write_text, read_json, read_jsonl
+from tasprune._io import append_jsonl, atomic_write_text, read_json, read_jsonl
+from tasprune.baselines import l1_shape, random_shape, uniform_shape
 from tasprune.config import ConfigError, load_config, save_config, to_dict
 from tasprune.data import load_data
 from tasprune.data.source import DataBundle
 from tasprune.evaluation import evaluate_model
 from tasprune.export import load_pruned
+from tasprune.flops import count_flops, count_params
 from tasprune.latency import LatencyConfig
 from tasprune.models import ResNet
 from tasprune.report import write_report
@@ -46,6 +53,8 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 # settings that may change between a run and its resumption
 _RUNTIME_KEYS = {"quiet", "device", "amp", "eval_every"}
+Method = Literal["tas", "uniform", "l1", "random"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 
 
 @dataclass(frozen=True)
@@ -53,15 +62,33 @@ class PruneConfig:
     """Everything `prune` does. model/data: what to prune on what; teacher: path of a
     trained unpruned model (run dir or model.safetensors), None to train one with
     `teacher_train`; search: the TAS search (its flops_ratio is the budget); train: the
-    training of the searched shape (KD from the teacher); latency: how to time models."""
+    training of the shape (KD from the teacher; kd_alpha=0 for none); latency: how to
+    time models.
+
+    method: "tas" searches the shape; "uniform", "l1" and "random" take it from
+    `tasprune.baselines` at search.flops_ratio instead ("random" draws `random_samples`
+    shapes from the search space of search.width_ratios/channel_multiple with
+    search.seed). "l1" always inherits the teacher's weights (train.inherit is set to
+    true, and saved so in config.yaml): its shape is made of the teacher's filters."""
 
     model: str = "resnet20"
     data: str = "demo"
+    method: Method = "tas"
     teacher: str | None = None
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=200))
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=300))
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    random_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if isinstance(self.random_samples, bool) or self.random_samples < 1:
+            raise ValueError(f"random_samples must be an integer >= 1, got "
+                             f"{self.random_samples!r}")
+        if self.method == "l1" and not self.train.inherit:
+            object.__setattr__(self, "train", dataclasses.replace(self.train, inherit=True))
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -124,6 +151,10 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
           ) -> dict[str, Any]:
     """Run every phase into `out_dir` (see module doc); returns the summary dict."""
     out = Path(out_dir)
+    if quiet:  # silence the training phases' progress too (quiet is a runtime setting)
+        config = dataclasses.replace(
+            config, teacher_train=dataclasses.replace(config.teacher_train, quiet=True),
+            train=dataclasses.replace(config.train, quiet=True))
     if not out.parent.exists():
         raise FileNotFoundError(f"{out.parent}: the parent of the output directory does not "
                                 "exist; create it first or choose another --out")
@@ -141,13 +172,18 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
 
     teacher = _teacher(config, full, data, out, quiet)
     metrics = out / "metrics.jsonl"
+    phase = "search" if config.method == "tas" else "shape"
     if _has_phase(metrics, "derive") and (out / "shape.json").is_file():
         shape = Shape.load(out / "shape.json")
-        _log(quiet, f"search: done ({out / 'shape.json'}), skipping")
+        _log(quiet, f"{phase}: done ({out / 'shape.json'}), skipping")
+    elif config.method != "tas":
+        _log(quiet, f"shape: the {config.method} baseline at {config.search.flops_ratio} of "
+             "the FLOPs")
+        shape = baseline_shape(config, full, teacher)
+        _write_shape(config, full, shape, out)
     else:
         resume = (out / "search.pt").is_file()
-        teacher_state = teacher.state_dict() if teacher.shape.replace(
-            resolution=full.resolution) == full else None
+        teacher_state = teacher.state_dict() if _is_unpruned(teacher, full) else None
         if teacher_state is None:
             _log(quiet, "search: the teacher is not the unpruned model; the supernet starts "
                  "from scratch")
@@ -161,8 +197,9 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         model = load_pruned(out)
     else:
         resume = (out / "train.pt").is_file()
-        _log(quiet, f"train: {'resuming' if resume else 'training'} the searched shape with "
-             f"KD for {config.train.epochs} epochs")
+        how = "with KD" if config.train.kd_alpha > 0 else "without KD (train.kd_alpha=0)"
+        _log(quiet, f"train: {'resuming' if resume else 'training'} the {config.method} shape "
+             f"{how} for {config.train.epochs} epochs")
         model = train(shape, data, config.train, out, teacher=teacher, resume=resume).model
 
     summary_path = out / SUMMARY_FILE
@@ -178,6 +215,42 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     return summary
 
 
+def _is_unpruned(teacher: ResNet, full: Shape) -> bool:
+    """Whether the teacher is the unpruned network `full` (at any input resolution)."""
+    return teacher.shape.replace(resolution=full.resolution) == full
+
+
+def baseline_shape(config: PruneConfig, full: Shape, teacher: ResNet) -> Shape:
+    """The shape of a baseline method (uniform, l1, random) at search.flops_ratio."""
+    ratio = config.search.flops_ratio
+    if config.method == "uniform":
+        return uniform_shape(full, ratio)
+    if config.method == "random":
+        return random_shape(full, ratio, samples=config.random_samples,
+                            seed=config.search.seed, ratios=config.search.width_ratios,
+                            multiple_of=config.search.channel_multiple)
+    if config.method == "l1":
+        if not _is_unpruned(teacher, full):
+            raise ValueError(f"method l1 ranks the filters of the unpruned {config.model}, but "
+                             f"the teacher is {teacher.shape.describe()}; give a trained "
+                             f"unpruned {config.model} as teacher, or none to train one")
+        return l1_shape(full, teacher.state_dict(), ratio)
+    raise ValueError(f"no baseline method {config.method!r}")
+
+
+def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path) -> None:
+    """shape.json and the "derive" line of a baseline, as the search writes them."""
+    shape.save(out / "shape.json")
+    flops, full_flops = count_flops(shape), count_flops(full)
+    append_jsonl(out / "metrics.jsonl", {
+        "phase": "derive", "method": config.method, "epoch": 0, "flops": flops,
+        "params": count_params(shape), "full_flops": full_flops,
+        "full_params": count_params(full), "target_flops": config.search.flops_ratio * full_flops,
+        "flops_ratio": flops / full_flops, "target_ratio": config.search.flops_ratio,
+        "blocks": list(shape.blocks),
+    })
+
+
 def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBundle,
               quiet: bool) -> dict[str, Any]:
     """summary.json: unpruned vs pruned accuracy, FLOPs, params and latency."""
@@ -187,7 +260,8 @@ def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBun
     pruned = evaluate_model(model, data, device, latency=config.latency, quiet=quiet,
                             what="pruned")
     return {
-        "model": config.model, "data": config.data,
+        "model": config.model, "data": config.data, "method": config.method,
+        "kd": config.train.kd_alpha > 0,
         "flops_full": dense["flops"], "flops_pruned": pruned["flops"],
         "flops_ratio_target": config.search.flops_ratio,
         "flops_ratio": pruned["flops"] / dense["flops"],

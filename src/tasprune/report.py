@@ -237,7 +237,11 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         f"- blocks kept per stage: {list(shape.blocks)} of {list(shape.depths)}",
         "",
     ]
-    if derive:
+    if derive and derive.get("method", "tas") != "tas":
+        lines += [f"Shape chosen by the {derive['method']} baseline (no search): "
+                  f"{derive['flops_ratio']:.3f} of the full FLOPs, target "
+                  f"{derive['target_ratio']}.", ""]
+    elif derive:
         band = "inside" if derive.get("in_band") else "outside"
         lines += [f"The search ended {band} the target band: argmax shape at "
                   f"{derive['flops_ratio']:.3f} of the full FLOPs, target "

@@ -14,6 +14,9 @@
 * `model.safetensors` + `shape.json`  the final model (see `tasprune.export`);
 * `train_config.yaml` the resolved configuration.
 
+With `kd_alpha=0` the teacher only serves weight inheritance (and the "teacher"
+metrics line): its forward pass is skipped, and the loss is the plain cross-entropy.
+
 Every epoch draws its batch order and augmentation from a generator seeded by
 (seed, epoch), so resuming from `train.pt` replays the remaining epochs exactly
 as an uninterrupted run would.
@@ -265,8 +268,8 @@ def train(
         stats = train_one_epoch(
             model, data.train, data.transform, optimizer, epoch_generator(config.seed, epoch),
             dataclasses.replace(options, desc=f"epoch {epoch + 1}/{config.epochs}"),
-            loss_config=config.distill_config(), scheduler=scheduler, teacher=teacher,
-            scaler=scaler)
+            loss_config=config.distill_config(), scheduler=scheduler,
+            teacher=teacher if config.kd_alpha > 0 else None, scaler=scaler)
         record = {"phase": "train", "epoch": epoch + 1, **stats}
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             test = evaluate(model, data.test, data.transform,

@@ -1,0 +1,72 @@
+"""The benchmark scripts' pieces that do not time or train: selection, tables, reuse."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tasprune import Shape, count_flops
+from tasprune._io import read_jsonl
+from tasprune.baselines import uniform_shape
+from tasprune.latency import LatencyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name):
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_latency_selects_paper_shapes_and_compares(one_thread):
+    latency = _script("latency")
+    assert latency.select_paper(["C010"]) == [f"C010-ResNet{d}" for d in (110, 164, 20, 32, 56)]
+    assert latency.select_paper(["C100-ResNet20", "ImageNet-ResNet18V1"]) == [
+        "C100-ResNet20", "ImageNet-ResNet18V1"]
+    with pytest.raises(SystemExit, match="no published shape matches"):
+        latency.select_paper(["C20"])
+    full = Shape.full("resnet8", resolution=8)
+    pruned = uniform_shape(full, 0.5)
+    record = latency.compare("r8", pruned, "cpu", LatencyConfig(batch_sizes=(1, 2), warmup=0,
+                                                                repeats=1, min_repeats=1), 2)
+    assert record["flops_ratio"] == count_flops(pruned) / count_flops(full)
+    assert record["flops_speedup"] == pytest.approx(1 / record["flops_ratio"])
+    lat = record["latency_ms"]
+    assert set(lat["dense"]) == set(lat["pruned"]) == {"1", "2"}
+    assert record["speedup"]["2"] == pytest.approx(lat["dense"]["2"] / lat["pruned"]["2"])
+    assert "| r8 | cpu | " in latency.markdown([record])
+
+
+def _row(method, seed, acc):
+    lat = {"1": 1.0, "64": 10.0}
+    return {"method": method, "seed": seed, "acc": acc, "flops": 5e6, "params": 4e4,
+            "ratio": 0.5, "latency_ms": lat, "acc_teacher": 0.9, "flops_teacher": 1e7,
+            "params_teacher": 8e4, "latency_ms_teacher": lat, "run": "x"}
+
+
+def test_accuracy_table_and_search_reuse(tmp_path):
+    accuracy = _script("accuracy")
+    table = accuracy.markdown_table([_row("tas", 0, 0.80), _row("tas", 1, 0.82),
+                                     _row("uniform", 0, 0.75)])
+    lines = table.splitlines()
+    assert lines[2].startswith("| unpruned teacher | - | 90.00 | 10.00 | 1.000 | 80.0 |")
+    assert lines[3].startswith("| tas | 2 | 81.00 ± 1.41 | 5.00 ± 0.00 |")
+    assert lines[4].startswith("| uniform | 1 | 75.00 | 5.00 |")
+
+    source = tmp_path / "tas-seed3"
+    source.mkdir()
+    (source / "shape.json").write_text("{}")
+    records = [{"phase": "search", "epoch": 1}, {"phase": "train", "epoch": 1}]
+    (source / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = tmp_path / "tas-nokd-seed3"
+    assert not accuracy.reuse_search(tmp_path, 3, run)  # no derive line: search unfinished
+    with open(source / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"phase": "derive", "epoch": 1}) + "\n")
+    assert accuracy.reuse_search(tmp_path, 3, run)
+    assert [r["phase"] for r in read_jsonl(run / "metrics.jsonl")] == ["search", "derive"]
+    assert (run / "shape.json").is_file()
+    assert not accuracy.reuse_search(tmp_path, 3, run)  # never over an existing run
