@@ -1,15 +1,18 @@
 # The two commands of the README. Both create and reuse .venv (see scripts/setup.sh).
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/tasprune flops resnet56
+	.venv/bin/tasprune demo
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -m "slow or not slow"
 	.venv/bin/ruff check .
+
+test-fast: setup
+	.venv/bin/python -m pytest -q
 
 lint: setup
 	.venv/bin/ruff check .

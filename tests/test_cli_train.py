@@ -84,3 +84,18 @@ def test_eval_rejects_a_model_for_other_data(tmp_path, synthetic_data, capsys, m
     monkeypatch.setattr(cli, "_load_data", lambda spec, quiet=True: synthetic_bundle(classes=5))
     assert main(["eval", str(tmp_path / "run"), "--data", "x", "--no-latency"]) == 2
     assert "3 classes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_and_eval_on_the_bundled_demo_data(tmp_path, capsys):
+    # the real data layer end to end (the fast tests above use synthetic data)
+    assert main(["train", "--model", "resnet8", "--data", "demo", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    record = read_jsonl(tmp_path / "run/metrics.jsonl")[-1]
+    assert record["images"] == 5888  # 6,000 images in full batches of 128
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--data", "demo", "--json", "--quiet",
+                 "--no-latency"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 1000 and out["acc"] == pytest.approx(record["test_acc"])
+    assert out["acc"] > 0.2  # above chance (0.1) after one epoch

@@ -419,6 +419,122 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# prune / demo / report ----------------------------------------------------------------
+_RUN_FILES = ("config.yaml (resolved settings), teacher/ (the trained unpruned net, unless "
+              "--teacher), search.pt, shape.json, train.pt, best.pt, model.safetensors (the "
+              "pruned model), metrics.jsonl (one line per epoch and phase), summary.json, "
+              "report.md and PNG plots")
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="the whole job: teacher, search, KD training, evaluation, report",
+        description="Prune a model to a FLOP budget: train the unpruned teacher (unless "
+        "--teacher), search the shape by TAS, train it with knowledge distillation, evaluate "
+        f"and report. Writes into --out DIR: {_RUN_FILES}. Re-running the same command "
+        "resumes: finished phases are skipped, interrupted ones continue from their "
+        "checkpoint. Settings: defaults < --config recipe < these flags < key=value overrides "
+        "(dotted keys, e.g. search.epochs=20 train.batch_size=64).",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. search.epochs=10 teacher_train.epochs=5")
+    p.add_argument("--out", required=True, help="run directory (created; its parent must exist)")
+    p.add_argument("--model", help="model name (default: the recipe's, else resnet20)")
+    p.add_argument("--data", help=DATA_SPEC_HELP)
+    p.add_argument("--flops-ratio", type=float, help="target FLOPs as a fraction of the "
+                   "unpruned model's, in (0, 1]")
+    p.add_argument("--teacher", help="trained unpruned model (run dir or model.safetensors); "
+                   "without it a teacher is trained first")
+    p.add_argument("--config", help="recipe: a YAML file or a shipped name (see "
+                   "`tasprune recipes`)")
+    p.add_argument("--seed", type=int, help="seed of every phase")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N for every phase")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_prune)
+
+
+def _prune_overrides(args: argparse.Namespace) -> list[str]:
+    flags = []
+    for key, value in (("model", args.model), ("data", args.data),
+                       ("search.flops_ratio", args.flops_ratio), ("teacher", args.teacher)):
+        if value is not None:
+            flags.append(f"{key}={value}")
+    for phase in ("teacher_train", "search", "train"):
+        if args.seed is not None:
+            flags.append(f"{phase}.seed={args.seed}")
+        if args.device is not None:
+            flags.append(f"{phase}.device={args.device}")
+    return flags + list(args.overrides)
+
+
+def _run_prune(recipe: str | None, overrides: list[str], out: str, quiet: bool) -> int:
+    from tasprune.prune import load_prune_config, prune
+    from tasprune.report import format_summary
+
+    config = load_prune_config(recipe, tuple(overrides))
+    summary = prune(config, out, quiet=quiet)
+    print(format_summary(summary))
+    print(f"\nrun directory: {out} (report: {out}/report.md, model: {out}/model.safetensors)")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    return _run_prune(args.config, _prune_overrides(args), args.out, args.quiet)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole method in minutes on the bundled Fashion-MNIST subset",
+        description="Run `prune` with the shipped `demo` recipe (a small ResNet on the bundled "
+        "6,000-image Fashion-MNIST subset, half the FLOPs, a few minutes on 2 CPU cores) and "
+        f"print the summary table. Writes into --out DIR (default runs/demo): {_RUN_FILES}. "
+        "Re-running resumes or, when finished, just prints the summary.",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    return _run_prune("demo", list(args.overrides), args.out, args.quiet)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", help="regenerate a run directory's report.md and plots",
+        description="Regenerate DIR/report.md and its PNG plots (widths.png, blocks.png, "
+        "flops.png, accuracy.png, tau.png) from the files of a run directory.")
+    p.add_argument("run_dir", help="a directory written by prune, search or train")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasprune.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _add_recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="list the shipped recipes",
+                       description="List the recipes shipped with tasprune (for prune --config "
+                       "NAME) with their first comment line. Writes no files.")
+    p.set_defaults(func=cmd_recipes)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from tasprune.prune import RECIPES_DIR, recipe_names
+
+    for name in recipe_names():
+        first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:<22} {first}")
+    return 0
+
+
 # parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -427,8 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tasprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_flops, _add_models, _add_data, _add_train, _add_search, _add_eval,
-                _add_export):
+    for add in (_add_prune, _add_demo, _add_search, _add_train, _add_eval, _add_export,
+                _add_report, _add_flops, _add_models, _add_recipes, _add_data):
         add(sub)
     return parser
 

@@ -255,3 +255,27 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     path = run / REPORT_FILE
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a plain-text table for the terminal."""
+    lat = summary.get("latency_ms", {})
+    dense, pruned = lat.get("dense", {}), lat.get("pruned", {})
+    rows = [
+        ("", "unpruned", "pruned", "pruned vs unpruned"),
+        ("top-1 accuracy (test)", _pct(summary.get("acc_full")), _pct(summary.get("acc_pruned")),
+         f"{100 * (summary['acc_pruned'] - summary['acc_full']):+.2f} pts"),
+        ("FLOPs (MACs)", _fmt(summary["flops_full"]), _fmt(summary["flops_pruned"]),
+         f"{summary['flops_pruned'] / summary['flops_full']:.3f} "
+         f"(target {summary['flops_ratio_target']})"),
+        ("params", _fmt(summary["params_full"]), _fmt(summary["params_pruned"]),
+         f"{summary['params_pruned'] / summary['params_full']:.3f}"),
+    ]
+    for bs in sorted(set(dense) & set(pruned), key=int):
+        rows.append((f"CPU latency, batch {bs}", f"{dense[bs]:.2f} ms", f"{pruned[bs]:.2f} ms",
+                     f"{dense[bs] / pruned[bs]:.2f}x speed-up"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

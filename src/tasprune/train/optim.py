@@ -38,6 +38,18 @@ def param_groups(
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_sgd_settings(lr: float, momentum: float, nesterov: bool, weight_decay: float) -> None:
+    """Raise a ValueError that says what to change for settings SGD cannot use."""
+    if not lr > 0:
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if nesterov and momentum == 0:
+        raise ValueError("Nesterov momentum needs momentum > 0; set momentum or nesterov=False")
+    if weight_decay < 0:
+        raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
+
+
 def make_sgd(
     params: nn.Module | Iterable[torch.Tensor] | list[dict[str, object]],
     lr: float = 0.1,
@@ -47,14 +59,7 @@ def make_sgd(
     decay_norm_and_bias: bool = False,
 ) -> torch.optim.SGD:
     """SGD for a module (weight decay split as in `param_groups`) or explicit params/groups."""
-    if lr <= 0:
-        raise ValueError(f"learning rate must be > 0, got {lr}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if nesterov and momentum == 0:
-        raise ValueError("Nesterov momentum needs momentum > 0; set momentum or nesterov=False")
-    if weight_decay < 0:
-        raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
+    check_sgd_settings(lr, momentum, nesterov, weight_decay)
     groups = (param_groups(params, weight_decay, decay_norm_and_bias)
               if isinstance(params, nn.Module) else params)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,

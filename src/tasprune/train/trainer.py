@@ -51,7 +51,7 @@ from tasprune.train.checkpoint import (
 from tasprune.train.distill import DistillConfig
 from tasprune.train.inherit import inherit_weights
 from tasprune.train.loop import LoopOptions, evaluate, steps_per_epoch, train_one_epoch
-from tasprune.train.optim import WarmupCosine, make_sgd
+from tasprune.train.optim import WarmupCosine, check_sgd_settings, make_sgd
 
 CHECKPOINT_FILE = "train.pt"
 BEST_FILE = "best.pt"
@@ -114,8 +114,7 @@ class TrainConfig:
                 raise ValueError(f"device {self.device!r} is not a torch device; use 'auto', "
                                  "'cpu', 'cuda' or 'cuda:N'") from None
         self.distill_config()  # validates alpha, temperature, label smoothing
-        make_sgd([torch.zeros(1, requires_grad=True)], self.lr, self.momentum, self.nesterov,
-                 self.weight_decay)  # validates the optimiser settings
+        check_sgd_settings(self.lr, self.momentum, self.nesterov, self.weight_decay)
 
     def distill_config(self) -> DistillConfig:
         return DistillConfig(alpha=self.kd_alpha, temperature=self.kd_temperature,

@@ -1,0 +1,74 @@
+"""The one-command pipeline, end to end on the bundled data (slow), and its config handling."""
+
+import json
+
+import pytest
+
+from tasprune import count_flops, load_pruned
+from tasprune._io import read_jsonl
+from tasprune.cli import main
+from tasprune.config import ConfigError
+from tasprune.prune import RECIPES_DIR, load_prune_config, recipe_names
+
+TINY = ["teacher_train.epochs=1", "search.epochs=2", "train.epochs=1",
+        "teacher_train.batch_size=256", "search.batch_size=256", "train.batch_size=256",
+        "latency.repeats=3", "latency.min_repeats=1", "search.flops_ratio=0.5"]
+
+
+def test_every_recipe_parses():
+    names = recipe_names()
+    assert {"demo", "cifar10-resnet56", "cifar100-resnet110", "imagenet-resnet50",
+            "fashion-mnist-resnet20"} <= set(names)
+    for name in names:
+        config = load_prune_config(name)
+        assert 0 < config.search.flops_ratio <= 1
+        assert config.train.epochs >= 1 and config.search.epochs >= 1
+        assert (RECIPES_DIR / f"{name}.yaml").read_text().startswith("#")
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key search.epoch"):
+        load_prune_config("demo", ("search.epoch=3",))
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        load_prune_config("demo", ("train.epochs=many",))
+    with pytest.raises(ConfigError, match="no recipe 'nope'"):
+        load_prune_config("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: resnet20\nsearch: {flops_ratio: 0.5, epoch: 3}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown config key search.epoch"):
+        load_prune_config(str(bad))
+
+
+@pytest.mark.slow
+def test_prune_end_to_end_then_rerun_skips(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["prune", "--model", "resnet8", "--data", "demo", "--out", str(out), "--quiet",
+            "--seed", "1", *TINY]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "FLOPs (MACs)" in first.out
+    for name in ("config.yaml", "teacher/model.safetensors", "search.pt", "shape.json",
+                 "train.pt", "best.pt", "model.safetensors", "metrics.jsonl", "summary.json",
+                 "report.md", "widths.png", "flops.png", "accuracy.png"):
+        assert (out / name).is_file(), name
+    model = load_pruned(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flops_pruned"] == count_flops(model.shape)
+    assert summary["flops_full"] > summary["flops_pruned"]
+    assert 0 <= summary["acc_pruned"] <= 1 and set(summary["latency_ms"]["pruned"]) == {"1", "64"}
+    phases = [r["phase"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert phases.count("search") == 2 and phases.count("derive") == 1
+    assert phases.count("train") == 1
+    assert [r["phase"] for r in read_jsonl(out / "teacher" / "metrics.jsonl")] == ["train"]
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "search.pt", out / "train.pt",
+                                                  out / "teacher" / "model.safetensors")}
+    assert main([a for a in args if a != "--quiet"]) == 0
+    again = capsys.readouterr()
+    assert again.err.count("skipping") == 4  # teacher, search, train, eval
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # other settings in the same directory are refused, nothing is touched
+    assert main([*args, "search.flops_ratio=0.3"]) == 2
+    assert "holds a run with other settings" in capsys.readouterr().err
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
