@@ -187,3 +187,69 @@ def test_teacher_initialisation():
         net.load_teacher(wrong)
     with pytest.raises(ValueError, match="does not fit"):
         net.load_teacher({k: v for k, v in teacher.state_dict().items() if "layer3" not in k})
+
+
+def _pool_channels(x: torch.Tensor, c: int) -> torch.Tensor:
+    n, k, h, w = x.shape
+    rows = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(-1, 1, k), c)
+    return rows.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _naive_slot(conv, x: torch.Tensor, choice: Choice, training: bool) -> torch.Tensor:
+    """DESIGN.md literally: conv at c_max, each candidate's own BN on its first c_j
+    channels, adaptive average pooling along channels to c_max, weighted sum."""
+    if conv.pool:
+        x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
+    c_max = max(choice.values)
+    y = F.conv2d(x, conv.weight[:c_max, : x.shape[1]], None, conv.stride, conv.padding)
+    parts = []
+    for j, c in zip(choice.rows, choice.values, strict=True):
+        part = y[:, :c]
+        if conv.bn is not None:
+            bn = conv.bn
+            part = F.batch_norm(part, bn.running_mean[j, :c].clone(),
+                                bn.running_var[j, :c].clone(), bn.weight[j, :c],
+                                bn.bias[j, :c], training, 0.1, 1e-5)
+        parts.append(_pool_channels(part, c_max))
+    if choice.weights is None:
+        return parts[0]
+    return sum(w * p for w, p in zip(choice.weights, parts, strict=True))
+
+
+def _naive_forward(net: SuperNet, x: torch.Tensor, arch: Arch, training: bool) -> torch.Tensor:
+    x = F.relu(_naive_slot(net.stem, x, arch.widths[0], training))
+    if net.stem_pool:
+        x = F.max_pool2d(x, 3, 2, 1)
+    for blocks, depth in zip(net.stages, arch.depths, strict=True):
+        outs = {}
+        for b in range(max(depth.values)):
+            block, h = blocks[b], x
+            for j, conv in enumerate(block.convs):
+                h = _naive_slot(conv, h, arch.widths[block.spec.convs[j].slot], training)
+                h = F.relu(h) if j < len(block.convs) - 1 else h
+            out_choice = arch.widths[block.spec.out_slot]
+            projected = block.spec.stride > 1 or x.shape[1] != h.shape[1]
+            x = F.relu(h + (_naive_slot(block.downsample, x, out_choice, training)
+                            if projected else x))
+            outs[b + 1] = x
+        if depth.weights is not None:
+            widest = max(o.shape[1] for o in outs.values())
+            x = sum(p * _pool_channels(outs[d], widest)
+                    for p, d in zip(depth.weights, depth.values, strict=True))
+    x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    return F.linear(x, net.fc.weight[:, : x.shape[1]], net.fc.bias)
+
+
+@pytest.mark.parametrize("name, res", [("resnet20", 8), ("cifar-resnet20-bottleneck", 8),
+                                       ("resnet18", 32)])
+def test_sampled_forward_matches_the_literal_definition(name, res):
+    gen = torch.Generator().manual_seed(7)
+    net = SuperNet(SearchSpace.from_shape(Shape.full(name, num_classes=3, resolution=res)), gen)
+    _randomise_bn(net, gen)
+    x = torch.randn(4, 3, res, res, generator=gen)
+    for training in (True, False):
+        net.train(training)
+        arch = net.sample(tau=2.0, k=2, generator=gen)
+        assert any(c.weights is not None for c in arch.depths)
+        ref = _naive_forward(net, x, arch, training)
+        assert torch.allclose(net(x, arch), ref, atol=1e-4, rtol=1e-4)
