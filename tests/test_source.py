@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -72,6 +74,9 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     state = load_checkpoint(path)
     assert state["epoch"] == 4 and torch.equal(state["w"], torch.ones(3))
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0600
     path.write_bytes(path.read_bytes()[: 100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_checkpoint(path)

@@ -19,6 +19,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; a model file should read like any other
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
