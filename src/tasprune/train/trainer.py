@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
-from tasprune._io import append_jsonl, atomic_write_text, drop_records, read_jsonl
+from tasprune._io import append_jsonl, drop_records, read_jsonl
+from tasprune.config import save_config, to_dict
 from tasprune.data.source import DataBundle
 from tasprune.export import SHAPE_FILE, save_pruned
 from tasprune.flops import count_flops, count_params
@@ -130,15 +130,7 @@ class TrainConfig:
         return min(5.0, 0.1 * self.epochs)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown training setting(s): {', '.join(unknown)}")
-        return cls(**data)
+        return to_dict(self)
 
 
 @dataclass
@@ -253,7 +245,7 @@ def train(
     else:
         drop_records(out / METRICS_FILE, ("train", "teacher"))
         shape.save(out / SHAPE_FILE)
-        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        save_config(config, out / CONFIG_FILE)
         if teacher is not None:
             teacher_eval = evaluate(teacher, data.test, data.transform,
                                     dataclasses.replace(options, desc="teacher"))
