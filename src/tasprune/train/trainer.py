@@ -210,7 +210,7 @@ def train(
     device = resolve_device(config.device)
     options = LoopOptions(batch_size=config.batch_size, device=device,
                           amp=resolve_amp(config.amp, device),
-                          channels_last=device.type == "cuda", quiet=config.quiet)
+                          channels_last=True, quiet=config.quiet)
     memory_format = torch.channels_last if options.channels_last else torch.preserve_format
 
     with torch.random.fork_rng(devices=[]):
