@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
                    "of training one into ROOT/teacher")
     p.add_argument("--config", help="prune recipe (YAML path or shipped name) for every run")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N for every phase")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads for this process (default: torch's choice)")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="train (or resume) ROOT/teacher and stop; lets several processes "
+                   "then share one teacher, e.g. one per --methods group")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     return p
 
@@ -201,9 +206,14 @@ def _write_results(root: Path, rows: list[dict[str, Any]], args: argparse.Namesp
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     teacher = _teacher(args, root)
+    if args.teacher_only:
+        _log(f"teacher ready: {teacher}")
+        return 0
     base = _base_overrides(args, teacher)
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
