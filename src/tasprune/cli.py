@@ -19,6 +19,7 @@ from typing import Any
 from tasprune import __version__
 from tasprune.baselines import METHODS as BASELINE_METHODS
 from tasprune.data import DATA_SPEC_HELP, DataBundle, load_data
+from tasprune.faults import Interrupted, NonFiniteLoss
 from tasprune.flops import count_params, layer_table
 from tasprune.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
 
@@ -589,6 +590,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"tasprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as exc:
+        print(f"tasprune {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        print(f"tasprune {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"tasprune {args.command}: interrupted", file=sys.stderr)
         return 130

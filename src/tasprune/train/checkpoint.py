@@ -1,15 +1,25 @@
 """Checkpoints: dicts of tensors and plain values, written atomically, loaded safely.
 
 A checkpoint holds what resuming needs (model, optimisers, schedulers, epoch,
-RNG states, config). It is written to a temp file and renamed, so a crash
-leaves the previous checkpoint intact, and read with `weights_only=True`, so
-loading never unpickles code.
+RNG states, config). Guarantees:
+
+- written to a temp file and renamed, so a crash leaves the previous checkpoint intact;
+- read with `weights_only=True`, so loading never unpickles code;
+- the serialised state is wrapped with its SHA-256, so a truncated or bit-flipped
+  file is detected at load (torch's zip reader does not check tensor payloads);
+- `save_checkpoint(..., keep_previous=True)` keeps the checkpoint it replaces as
+  `NAME.prev.pt`, and `load_latest` falls back to it when the newest is damaged;
+- a state holding a NaN or infinite float tensor is refused (`NonFiniteError`), so
+  a diverged run never overwrites its last good checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,22 +30,107 @@ from torch import nn
 
 from tasprune._io import atomic_write
 
+_WRAPPER = "tasprune.checkpoint/v2"
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not what the caller expected."""
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+class NonFiniteError(ValueError):
+    """A state that holds NaN or infinite values, refused before it is written."""
+
+
+def previous_path(path: str | os.PathLike[str]) -> Path:
+    """Where `save_checkpoint(path, keep_previous=True)` keeps the checkpoint it replaces."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def first_non_finite(state: Any, prefix: str = "") -> str | None:
+    """The key path of the first floating-point tensor with a NaN or inf in `state`, or None."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):
+            return prefix or "<tensor>"
+        return None
+    items = (state.items() if isinstance(state, Mapping)
+             else enumerate(state) if isinstance(state, (list, tuple)) else ())
+    for key, value in items:
+        found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any],
+                    keep_previous: bool = False) -> None:
+    """Write `state` atomically with its checksum; with `keep_previous`, the checkpoint
+    being replaced is kept as `previous_path(path)` (the last two survive)."""
+    path = Path(path)
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise NonFiniteError(f"refusing to write {path}: {bad} holds NaN or infinite values "
+                             "(the previous checkpoint is kept)")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    wrapped = {"format": _WRAPPER, "sha256": hashlib.sha256(payload).hexdigest(),
+               "payload": torch.frombuffer(payload, dtype=torch.uint8)}
+
+    def write(tmp: Path) -> None:
+        torch.save(wrapped, tmp)
+        if keep_previous and path.is_file():
+            os.replace(path, previous_path(path))  # a crash here leaves .prev + the temp
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
                     ) -> dict[str, Any]:
+    """Read a checkpoint, verifying its checksum; any damage is a `CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    state = _torch_load(path, path, map_location)
+    if state.get("format") == _WRAPPER:
+        payload = state.get("payload")
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8:
+            raise CheckpointError(f"{path}: damaged checkpoint (no payload)")
+        data = payload.numpy().tobytes()
+        if hashlib.sha256(data).hexdigest() != state.get("sha256"):
+            raise CheckpointError(f"{path}: checksum mismatch: the file is corrupt (a "
+                                  "partial copy or a disk error?)")
+        state = _torch_load(io.BytesIO(data), path, map_location)
+    return state  # older checkpoints (before the wrapper) are plain dicts
+
+
+def load_latest(path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+                ) -> tuple[dict[str, Any], Path]:
+    """Load `path`, or its kept previous checkpoint when `path` is damaged or missing.
+
+    Falling back prints a warning naming both files; the damaged file is left in
+    place (nothing is deleted). Raises `CheckpointError` when neither is readable.
+    """
+    path, prev = Path(path), previous_path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return load_checkpoint(path, map_location), path
+    except CheckpointError as exc:
+        if not prev.is_file():
+            raise
+        try:
+            state = load_checkpoint(prev, map_location)
+        except CheckpointError as exc_prev:
+            raise CheckpointError(f"{exc}; the previous checkpoint is damaged too: "
+                                  f"{exc_prev}") from None
+        print(f"warning: {exc}; resuming from the previous checkpoint {prev} instead "
+              f"(the damaged file is left in place)", file=sys.stderr)
+        return state, prev
+
+
+def _torch_load(source: Path | io.BytesIO, path: Path, map_location: str | torch.device
+                ) -> dict[str, Any]:
+    try:
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/corrupt files
         raise CheckpointError(
             f"{path}: not a readable tasprune checkpoint (truncated or corrupt?): "
