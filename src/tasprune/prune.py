@@ -17,6 +17,11 @@ checkpoint is):
 
 The resolved config is saved as `DIR/config.yaml`; re-running into a directory
 made with other settings is refused rather than mixing two experiments.
+
+Under torchrun every rank runs the teacher, search and train phases together
+(each distributed, see `tasprune.dist`); rank 0 alone writes files and runs the
+eval and report phases while the other ranks wait, then every rank returns the
+same summary.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from tasprune.baselines import l1_shape, random_shape, uniform_shape
 from tasprune.config import ConfigError, load_config, save_config, to_dict
 from tasprune.data import load_data
 from tasprune.data.source import DataBundle
+from tasprune.dist import init_from_env
 from tasprune.evaluation import evaluate_model
 from tasprune.export import load_pruned
 from tasprune.flops import count_flops, count_params
@@ -151,6 +157,8 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
           ) -> dict[str, Any]:
     """Run every phase into `out_dir` (see module doc); returns the summary dict."""
     out = Path(out_dir)
+    dist = init_from_env(resolve_device(config.train.device).type)
+    quiet = quiet or not dist.is_main  # one progress display: rank 0's
     if quiet:  # silence the training phases' progress too (quiet is a runtime setting)
         config = dataclasses.replace(
             config, teacher_train=dataclasses.replace(config.teacher_train, quiet=True),
@@ -167,8 +175,10 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         if diff:
             raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diff[:3])}); "
                               "choose another --out, or delete the directory to start over")
-    out.mkdir(exist_ok=True)
-    save_config(config, saved)
+    if dist.is_main:
+        out.mkdir(exist_ok=True)
+        save_config(config, saved)
+    dist.barrier()
 
     teacher = _teacher(config, full, data, out, quiet)
     metrics = out / "metrics.jsonl"
@@ -179,8 +189,9 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     elif config.method != "tas":
         _log(quiet, f"shape: the {config.method} baseline at {config.search.flops_ratio} of "
              "the FLOPs")
-        shape = baseline_shape(config, full, teacher)
-        _write_shape(config, full, shape, out)
+        shape = baseline_shape(config, full, teacher)  # deterministic: equal on every rank
+        if dist.is_main:
+            _write_shape(config, full, shape, out)
     else:
         resume = (out / "search.pt").is_file()
         teacher_state = teacher.state_dict() if _is_unpruned(teacher, full) else None
@@ -203,16 +214,17 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         model = train(shape, data, config.train, out, teacher=teacher, resume=resume).model
 
     summary_path = out / SUMMARY_FILE
-    if summary_path.is_file():
-        _log(quiet, f"eval: done ({summary_path}), skipping")
-        summary = read_json(summary_path)
-    else:
-        _log(quiet, "eval: test accuracy and CPU latency of the unpruned and pruned nets")
-        summary = summarize(config, teacher, model, data, quiet)
-        atomic_write_text(summary_path, json.dumps(summary, indent=1) + "\n")
-    write_report(out)
-    _log(quiet, f"report: {out / 'report.md'}")
-    return summary
+    if dist.is_main:
+        if summary_path.is_file():
+            _log(quiet, f"eval: done ({summary_path}), skipping")
+        else:
+            _log(quiet, "eval: test accuracy and CPU latency of the unpruned and pruned nets")
+            summary = summarize(config, teacher, model, data, quiet)
+            atomic_write_text(summary_path, json.dumps(summary, indent=1) + "\n")
+        write_report(out)
+        _log(quiet, f"report: {out / 'report.md'}")
+    dist.barrier()
+    return read_json(summary_path)
 
 
 def _is_unpruned(teacher: ResNet, full: Shape) -> bool:
