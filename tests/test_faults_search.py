@@ -366,7 +366,7 @@ def test_sigterm_saves_exits_143_and_resumes(tmp_path, demo_subset, cli_referenc
     assert proc.returncode == 143, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("tasprune search: search: stopped by SIGTERM at epoch ")
+    assert lines[0].startswith("tasprune search: search: stopped by SIGTERM at ")
     assert f"checkpoint saved to {tmp_path / 'search.pt'}" in lines[0]
     state = load_checkpoint(tmp_path / "search.pt")
     assert state["step"] > 0 or state["epoch"] > 0

@@ -385,8 +385,8 @@ class _EpochRun:
 
 @dataclass
 class SearchLoop:
-    """What every epoch of one search uses: model, data, optimisers, and how to write a
-    checkpoint (`out` None: never) and to stop (`stop`)."""
+    """What every epoch of one search uses: model, data, optimisers, where checkpoints go
+    (`out`), the process group (`dist`) and the stop request (`stop`)."""
 
     net: SuperNet
     data: DataBundle
@@ -398,11 +398,11 @@ class SearchLoop:
     w_sched: torch.optim.lr_scheduler.LRScheduler
     full_flops: int
     steps: int
+    out: Path
+    shape_full: Shape
+    teacher: bool = False
     dist: Dist = field(default_factory=Dist)
     stop: StopRequest = field(default_factory=lambda: StopRequest(enabled=False))
-    out: Path | None = None
-    shape_full: Shape | None = None
-    teacher: bool = False
     resume_at: _EpochRun | None = None  # a mid-epoch checkpoint's epoch, for search_epoch
     stopped: bool = False  # a stop was agreed at the last step of an epoch
 
@@ -410,9 +410,9 @@ class SearchLoop:
         """Write search.pt after `epoch` finished epochs (+ `run.step` steps of the next).
 
         Every rank calls it; rank 0 writes, the others wait until it has."""
-        path = (self.out or Path(".")) / CHECKPOINT
+        path = self.out / CHECKPOINT
         partial = run.state(self.dist) if run is not None else None
-        if self.dist.is_main and self.out is not None and self.shape_full is not None:
+        if self.dist.is_main:
             save_checkpoint(path, {
                 "format": _FORMAT, "epoch": epoch, "step": run.step if run else 0,
                 "epoch_state": partial, "config": to_dict(self.config),
@@ -426,7 +426,7 @@ class SearchLoop:
 
     def interrupted(self, where: str) -> Interrupted:
         return Interrupted("search", self.stop.signum or signal.SIGTERM,
-                           str((self.out or Path(".")) / CHECKPOINT), where)
+                           str(self.out / CHECKPOINT), where)
 
 
 def _epoch_batches(data: DataBundle, indices: torch.Tensor, batch: int,
@@ -576,8 +576,8 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
                                  betas=config.arch_betas, weight_decay=config.arch_weight_decay)
         w_sched = WarmupCosine(w_opt, total_steps=config.epochs * steps)
         loop = SearchLoop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
-                          count_flops(shape_full), steps, dist=dist, out=out,
-                          shape_full=shape_full, teacher=teacher_state is not None)
+                          count_flops(shape_full), steps, out, shape_full,
+                          teacher=teacher_state is not None, dist=dist)
         start = _restore(ckpt_path, shape_full, config, loop) if resume else 0
         quiet = quiet or not dist.is_main
         if dist.is_main:
