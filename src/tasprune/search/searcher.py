@@ -18,7 +18,9 @@ step reached, the states of the epoch's Gumbel and augmentation generators and
 the epoch's partial metric sums: resuming rebuilds the epoch's batch order from
 the seed, drops the finished batches as indices (their images are never
 loaded) and continues, so a search stopped or killed anywhere and resumed ends
-bit-identical to an uninterrupted one (CPU, one process). A NaN/inf loss of
+bit-identical to an uninterrupted one (CPU, one process); a mid-epoch checkpoint
+resumes on the device type that wrote it (the Gumbel generator of a CUDA run is
+a CUDA one, whose state a CPU generator cannot continue). A NaN/inf loss of
 either step stops the search with `NonFiniteLoss` before that step's optimiser
 applies it, writing nothing. SIGINT/SIGTERM finish the current step, write a
 checkpoint and raise `Interrupted`.
@@ -40,11 +42,16 @@ at the same step and no extra collective is needed.
   `rank_logit_max_diff`, 0.0) and raises if they differ.
 - Augmentation: rank 0 uses the single-process generators, rank r > 0 its own,
   seeded from (seed, epoch, stream, r), so ranks do not repeat the same crops.
-- BatchNorm running statistics: every rank keeps its own and search.pt holds
-  rank 0's. They play no part in the search (every forward runs in training
-  mode on batch statistics), so no collective is spent on them.
+- BatchNorm running statistics: every rank keeps its own, search.pt holds rank
+  0's and a resume gives them to every rank. They play no part in the search
+  (every forward runs in training mode on batch statistics), so no collective is
+  spent on them.
 - Epoch metrics are summed over ranks: rank 0 logs global numbers. Rank 0 alone
   writes files and shows progress; every rank reads the same checkpoint on resume.
+- A mid-epoch checkpoint holds every rank's augmentation generator states
+  (gathered) and the partial sums over all ranks (rank 0 resumes from them, the
+  others from zero), so it resumes on the same number of processes; an epoch-end
+  one on any.
 With world size 1 no collective runs and the numbers are the single-process ones.
 """
 
