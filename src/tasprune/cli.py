@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -222,7 +223,11 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         "distributions (the other half, cross-entropy + FLOP loss). Writes into --out DIR: "
         "shape.json (the searched shape: train it with `tasprune train --shape DIR/shape.json`), "
         "metrics.jsonl (a 'search' line per epoch, a 'derive' line at the end) and search.pt "
-        "(resumable checkpoint, updated every epoch).",
+        "(resumable checkpoint, updated every epoch and every --checkpoint-every steps; the one "
+        "before is kept as search.prev.pt). SIGINT/SIGTERM save a checkpoint and stop (exit "
+        "130/143); a NaN/inf loss stops with exit 1, keeping the last good checkpoint. On "
+        "several processes: `torchrun --nproc_per_node N -m tasprune search ...` (--batch-size "
+        "stays the global batch; rank 0 writes the files).",
     )
     p.add_argument("--model", required=True, help="registered model name (see `tasprune models`)")
     p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
@@ -241,6 +246,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channel-multiple", type=int, metavar="N", help="round every width "
                    "choice to a multiple of N, e.g. 8 (default 1: no rounding)")
     p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="also write search.pt "
+                   "after every N steps, so a stopped or killed search loses less (default 0: "
+                   "at epoch ends only; may change on --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_search)
 
@@ -255,7 +263,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                       resolution=data.resolution)
     multiple = 1 if args.channel_multiple is None else args.channel_multiple
     check_budget(SearchSpace.from_shape(full, multiple_of=multiple), args.flops_ratio)
-    settings = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+    settings = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device,
+                "checkpoint_every": args.checkpoint_every}
     config = SearchConfig(flops_ratio=args.flops_ratio, epochs=args.epochs,
                           channel_multiple=multiple,
                           **{k: v for k, v in settings.items() if v is not None})
@@ -272,6 +281,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         teacher_state = teacher.state_dict()
     result = search(full, data, config, args.out, teacher_state=teacher_state,
                     resume=args.resume, quiet=args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports
     band = "inside" if result.in_band else "outside"
     print(f"{args.out}: searched {result.shape.describe()}: FLOPs {_fmt_count(result.flops)} "
           f"= {result.flops / result.full_flops:.3f} of the unpruned {args.model} (target "

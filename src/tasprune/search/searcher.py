@@ -7,14 +7,59 @@ FLOP loss). Both forwards draw fresh Gumbel samples. The two halves are a
 per-class split of the training set. tau is set per epoch.
 
 Reproducibility: the split comes from the seed; batch order, augmentation and
-Gumbel noise of epoch e come from generators seeded by (seed, e), so a search
-resumed from the checkpoint of epoch e replays epoch e exactly as an
-uninterrupted one would (bit-exact on CPU).
+Gumbel noise of epoch e come from generators seeded by (seed, e), so an epoch
+can be replayed from its seed.
+
+Checkpoints and faults. search.pt is written at every epoch end and, with
+`checkpoint_every` = N > 0, after every N-th step (counted from the start of
+the search); the file it replaces is kept as search.prev.pt, and a resume falls
+back to that one when the newest is damaged. A mid-epoch checkpoint holds the
+step reached, the states of the epoch's Gumbel and augmentation generators and
+the epoch's partial metric sums: resuming rebuilds the epoch's batch order from
+the seed, drops the finished batches as indices (their images are never
+loaded) and continues, so a search stopped or killed anywhere and resumed ends
+bit-identical to an uninterrupted one (CPU, one process); a mid-epoch checkpoint
+resumes on the device type that wrote it (the Gumbel generator of a CUDA run is
+a CUDA one, whose state a CPU generator cannot continue). A NaN/inf loss of
+either step stops the search with `NonFiniteLoss` before that step's optimiser
+applies it, writing nothing. SIGINT/SIGTERM finish the current step, write a
+checkpoint and raise `Interrupted`.
+
+Distributed (torchrun, WORLD_SIZE > 1). Each rank runs batch_size / world_size
+images of each half per step, its shard of the same epoch permutation (see
+tasprune.dist: the ranks' k-th batches together are the single-process k-th
+batch), and the gradients of both steps are averaged over ranks with one flat
+all-reduce before each optimiser step. There is no DistributedDataParallel
+wrapper: each step freezes a different half of the parameters (the logits in
+the weight step, the weights in the architecture step), which DDP's reducer
+does not support; averaging the gradients the step computed is what DDP would
+do. The flags the ranks must agree on (a loss was NaN/inf on some rank; some
+rank was asked to stop) travel in those same all-reduces, so every rank stops
+at the same step and no extra collective is needed.
+- Gumbel noise: seeded from (seed, epoch) on every rank, so all ranks draw the
+  same architecture at every step (same sub-network, same set of gradients),
+  and the logits stay identical; every epoch end checks this (the record's
+  `rank_logit_max_diff`, 0.0) and raises if they differ.
+- Augmentation: rank 0 uses the single-process generators, rank r > 0 its own,
+  seeded from (seed, epoch, stream, r), so ranks do not repeat the same crops.
+- BatchNorm running statistics: every rank keeps its own, search.pt holds rank
+  0's and a resume gives them to every rank. They play no part in the search
+  (every forward runs in training mode on batch statistics), so no collective is
+  spent on them.
+- Epoch metrics are summed over ranks: rank 0 logs global numbers. Rank 0 alone
+  writes files and shows progress; every rank reads the same checkpoint on resume.
+- A mid-epoch checkpoint holds every rank's augmentation generator states
+  (gathered) and the partial sums over all ranks (rank 0 resumes from them, the
+  others from zero), so it resumes on the same number of processes; an epoch-end
+  one on any.
+With world size 1 no collective runs and the numbers are the single-process ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,12 +69,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from tasprune._io import append_jsonl, drop_records, read_jsonl
 from tasprune.config import from_dict, to_dict
 from tasprune.data.source import DataBundle, per_class_split
+from tasprune.dist import Dist, init_from_env, launched_by_torchrun, per_rank_batch
+from tasprune.faults import Interrupted, NonFiniteLoss, StopRequest
 from tasprune.flops import count_flops, count_params
 from tasprune.progress import progress
 from tasprune.search.cost import FlopLoss, supernet_expected_flops, supernet_flop_loss
@@ -39,7 +87,8 @@ from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
 from tasprune.train.checkpoint import (
     CheckpointError,
-    load_checkpoint,
+    load_latest,
+    previous_path,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -62,7 +111,8 @@ class SearchConfig:
     the unpruned FLOPs; flop_weight: lambda of the arch loss; topk: width
     candidates per slot and forward (1 = hard sample); width_ratios and
     channel_multiple: the width choices (see search.space); split_fraction:
-    share of every class in the "train" half.
+    share of every class in the "train" half; checkpoint_every: also write
+    search.pt after every N-th step (0: at epoch ends only; may change on resume).
     """
 
     flops_ratio: float = 0.5
@@ -86,6 +136,7 @@ class SearchConfig:
     split_fraction: float = 0.5
     seed: int = 0
     device: str = "auto"
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
@@ -98,6 +149,9 @@ class SearchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "must be an integer >= 1")
+        every = self.checkpoint_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            fail("checkpoint_every", "a number of steps >= 0 (0: checkpoint at epoch ends only)")
         for name in ("lr", "arch_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 fail(name, "a learning rate must be a positive number")
@@ -153,11 +207,16 @@ def check_budget(space: SearchSpace, flops_ratio: float) -> None:
         )
 
 
-def _generator(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu"
-               ) -> torch.Generator:
-    """An independent generator per (seed, epoch, purpose)."""
+def _generator(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu",
+               rank: int = 0) -> torch.Generator:
+    """An independent generator per (seed, epoch, purpose), and per rank for rank > 0
+    (rank 0's are the single-process ones)."""
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + epoch * 97 + stream) % (2**63 - 1))
+    if rank == 0:
+        g.manual_seed((seed * 1_000_003 + epoch * 97 + stream) % (2**63 - 1))
+    else:
+        digest = hashlib.sha256(f"{seed}/{epoch}/{stream}/{rank}".encode()).digest()
+        g.manual_seed(int.from_bytes(digest[:8], "little") % (2**63 - 1))
     return g
 
 
@@ -174,9 +233,167 @@ def _grad_only(train: Sequence[torch.nn.Parameter], frozen: Sequence[torch.nn.Pa
             p.requires_grad_(True)
 
 
+class _Flags:
+    """Flags sent through `Dist.average_gradients` as one more "gradient": averaged over
+    ranks, a flag is > 0 when some rank raised it."""
+
+    def __init__(self, flags: list[bool], device: torch.device) -> None:
+        self.grad = torch.tensor(flags, dtype=torch.float32, device=device)
+
+
+def _average_and_agree(dist: Dist, params: Sequence[torch.nn.Parameter], loss: torch.Tensor,
+                       stop: bool = False) -> tuple[bool, bool]:
+    """Average the gradients of `params` over ranks; return (the loss is NaN/inf on some
+    rank, some rank was asked to stop), agreed in the same all-reduce."""
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if not dist.enabled:
+        return bad, stop
+    flags = _Flags([bad, stop], loss.device)
+    dist.average_gradients([*params, flags])
+    agreed = (flags.grad > 0).tolist()
+    return agreed[0], agreed[1]
+
+
+def _loss_value(loss: torch.Tensor) -> float:
+    """The loss for a NonFiniteLoss message (NaN when only another rank's was bad)."""
+    value = float(loss.detach())
+    return value if not math.isfinite(value) else float("nan")
+
+
+@dataclass(frozen=True)
+class StepOut:
+    """What one search step reports: the FLOP loss, [train loss sum, train correct,
+    valid loss sum, valid correct, FLOP loss, 1] as a float64 tensor, and whether a
+    stop request was agreed (by every rank) during the step."""
+
+    flop: FlopLoss
+    stats: torch.Tensor
+    stop: bool = False
+
+
+def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
+                valid: tuple[torch.Tensor, torch.Tensor], w_opt: torch.optim.Optimizer,
+                a_opt: torch.optim.Optimizer, config: SearchConfig, tau: float,
+                generator: torch.Generator | None, full_flops: int, *,
+                dist: Dist | None = None, stop: bool = False, at: tuple[int, int] = (0, 0)
+                ) -> StepOut:
+    """(1) SGD on the weights with a train batch (CE), then (2) Adam on the logits with a
+    valid batch (CE + lambda * FLOP loss); fresh Gumbel samples for each forward.
+
+    Each step computes only the gradients it applies: the logits are frozen in (1),
+    the weights in (2) (autograd then skips the weight gradients of every conv).
+    Under `dist` the gradients are averaged over ranks before each optimiser step,
+    and `stop` (this rank's stop request) is agreed with the other ranks. A NaN/inf
+    loss on any rank raises `NonFiniteLoss` (at = 1-based epoch and step) before
+    its optimiser step."""
+    dist = dist or Dist()
+    (xt, yt), (xv, yv) = train, valid
+    weights, arch = net.weight_parameters(), net.arch_parameters()
+    with _grad_only(weights, arch):
+        out_t = net(xt, net.sample(tau, config.topk, generator))
+        loss_t = F.cross_entropy(out_t, yt)
+        w_opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        bad, stop = _average_and_agree(dist, weights, loss_t, stop)
+        if bad:
+            raise NonFiniteLoss("search", *at, _loss_value(loss_t))
+        w_opt.step()
+    with _grad_only(arch, weights):
+        out_v = net(xv, net.sample(tau, config.topk, generator))
+        loss_v = F.cross_entropy(out_v, yv)
+        fl = supernet_flop_loss(net, config.flops_ratio, config.tolerance, full_flops)
+        loss_a = loss_v + config.flop_weight * fl.loss
+        a_opt.zero_grad(set_to_none=True)
+        loss_a.backward()
+        bad, _ = _average_and_agree(dist, arch, loss_a)
+        if bad:
+            raise NonFiniteLoss("search", *at, _loss_value(loss_a))
+        a_opt.step()
+    with torch.no_grad():
+        stats = torch.stack([
+            loss_t.double() * len(yt), (out_t.argmax(1) == yt).sum().double(),
+            loss_v.double() * len(yv), (out_v.argmax(1) == yv).sum().double(),
+            fl.loss.double().to(loss_t.device), loss_t.new_ones((), dtype=torch.float64),
+        ])
+    return StepOut(flop=fl, stats=stats, stop=stop)
+
+
+@dataclass
+class _EpochRun:
+    """What one epoch carries from step to step; a mid-epoch checkpoint saves it."""
+
+    step: int  # steps done in this epoch
+    lr: float  # at the epoch's start (the record's "lr")
+    gumbel: torch.Generator
+    train_aug: torch.Generator
+    valid_aug: torch.Generator
+    sums: torch.Tensor  # float64, StepOut.stats summed
+    n_seen: int = 0
+    moves: list[int] = field(default_factory=lambda: [0, 0, 0])  # below / in band / above
+
+    @classmethod
+    def start(cls, config: SearchConfig, epoch: int, dist: Dist, device: torch.device,
+              lr: float) -> _EpochRun:
+        return cls(step=0, lr=lr, gumbel=_generator(config.seed, epoch, 0, device),
+                   train_aug=_generator(config.seed, epoch, 1, rank=dist.rank),
+                   valid_aug=_generator(config.seed, epoch, 2, rank=dist.rank),
+                   sums=torch.zeros(6, dtype=torch.float64, device=device))
+
+    def add(self, out: StepOut, images: int) -> None:
+        self.moves[out.flop.direction + 1] += 1
+        self.sums += out.stats
+        self.n_seen += images
+        self.step += 1
+
+    def totals(self, dist: Dist) -> list[float]:
+        """The sums and the image count over all ranks (a collective)."""
+        both = torch.cat([self.sums, self.sums.new_tensor([self.n_seen])])
+        return dist.all_reduce_sum_(both).tolist()
+
+    def state(self, dist: Dist) -> dict[str, Any]:
+        """For the checkpoint (a collective: every rank's augmentation states are gathered)."""
+        augment = torch.stack([self.train_aug.get_state(), self.valid_aug.get_state()])
+        if dist.enabled:
+            mine = augment.to(self.sums.device)  # NCCL gathers on the GPU, gloo on the CPU
+            gathered = [torch.empty_like(mine) for _ in range(dist.world_size)]
+            torch_dist.all_gather(gathered, mine)
+            augment = torch.stack([t.cpu() for t in gathered])
+        else:
+            augment = augment[None]
+        return {"step": self.step, "lr": self.lr, "moves": list(self.moves),
+                "totals": torch.tensor(self.totals(dist), dtype=torch.float64),
+                "gumbel": self.gumbel.get_state(), "gumbel_device": self.gumbel.device.type,
+                "augment": augment, "world_size": dist.world_size}
+
+    @classmethod
+    def restore(cls, saved: Mapping[str, Any], config: SearchConfig, epoch: int, dist: Dist,
+                device: torch.device, path: Path) -> _EpochRun:
+        """Continue the epoch a mid-epoch checkpoint stopped in (this rank's share of it)."""
+        if saved["world_size"] != dist.world_size:
+            raise ValueError(f"{path} was written in the middle of epoch {epoch + 1} by a "
+                             f"search on {saved['world_size']} processes; resume it on "
+                             f"{saved['world_size']} (this run has {dist.world_size})")
+        if saved["gumbel_device"] != device.type:
+            raise ValueError(f"{path} was written in the middle of epoch {epoch + 1} on "
+                             f"{saved['gumbel_device']}, whose random numbers cannot be "
+                             f"continued on {device.type}; resume with --device "
+                             f"{saved['gumbel_device']}")
+        run = cls.start(config, epoch, dist, device, float(saved["lr"]))
+        # clones: Generator.set_state ignores a view's storage offset (crashes on [r, 1])
+        run.gumbel.set_state(saved["gumbel"].cpu().clone())
+        run.train_aug.set_state(saved["augment"][dist.rank, 0].clone())
+        run.valid_aug.set_state(saved["augment"][dist.rank, 1].clone())
+        if dist.is_main:  # the other ranks start from 0: the epoch end sums over ranks
+            totals = saved["totals"].to(device=device, dtype=torch.float64)
+            run.sums, run.n_seen = totals[:6].clone(), int(totals[6])
+        run.step, run.moves = int(saved["step"]), [int(m) for m in saved["moves"]]
+        return run
+
+
 @dataclass
 class SearchLoop:
-    """What every epoch of one search uses (one place, so a data sharder can be added)."""
+    """What every epoch of one search uses: model, data, optimisers, where checkpoints go
+    (`out`), the process group (`dist`) and the stop request (`stop`)."""
 
     net: SuperNet
     data: DataBundle
@@ -188,100 +405,132 @@ class SearchLoop:
     w_sched: torch.optim.lr_scheduler.LRScheduler
     full_flops: int
     steps: int
+    out: Path
+    shape_full: Shape
+    teacher: bool = False
+    dist: Dist = field(default_factory=Dist)
+    stop: StopRequest = field(default_factory=lambda: StopRequest(enabled=False))
+    resume_at: _EpochRun | None = None  # a mid-epoch checkpoint's epoch, for search_epoch
+    stopped: bool = False  # a stop was agreed at the last step of an epoch
+
+    def save(self, epoch: int, run: _EpochRun | None = None) -> Path:
+        """Write search.pt after `epoch` finished epochs (+ `run.step` steps of the next).
+
+        Every rank calls it; rank 0 writes, the others wait until it has."""
+        path = self.out / CHECKPOINT
+        partial = run.state(self.dist) if run is not None else None
+        if self.dist.is_main:
+            save_checkpoint(path, {
+                "format": _FORMAT, "epoch": epoch, "step": run.step if run else 0,
+                "epoch_state": partial, "config": to_dict(self.config),
+                "shape_full": self.shape_full.to_dict(), "supernet": self.net.state_dict(),
+                "w_optimizer": self.w_opt.state_dict(), "a_optimizer": self.a_opt.state_dict(),
+                "w_scheduler": self.w_sched.state_dict(), "rng": rng_state(),
+                "teacher": self.teacher,
+            }, keep_previous=True)
+        self.dist.barrier()
+        return path
+
+    def interrupted(self, where: str) -> Interrupted:
+        return Interrupted("search", self.stop.signum or signal.SIGTERM,
+                           str(self.out / CHECKPOINT), where)
 
 
-@dataclass(frozen=True)
-class StepOut:
-    """What one search step reports: the FLOP loss, and [train loss sum, train correct,
-    valid loss sum, valid correct, FLOP loss, 1] as a float64 tensor (no host sync)."""
+def _epoch_batches(data: DataBundle, indices: torch.Tensor, batch: int,
+                   generator: torch.Generator, dist: Dist, skip: int
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's batches of one epoch over `indices`, from batch `skip` on.
 
-    flop: FlopLoss
-    stats: torch.Tensor
+    The permutation is drawn from `generator` as `ImageSource.batches(shuffle=True)`
+    draws it, then sharded; the first `skip` batches are dropped as indices (their
+    images are never loaded), and the generator goes on to the source (folders draw
+    their crop seed from it after the permutation)."""
+    order = dist.shard(indices[torch.randperm(len(indices), generator=generator)])
+    return data.train.batches(batch, indices=order[skip * batch:], drop_last=True,
+                              generator=generator, train=True)
 
 
-def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
-                valid: tuple[torch.Tensor, torch.Tensor], w_opt: torch.optim.Optimizer,
-                a_opt: torch.optim.Optimizer, config: SearchConfig, tau: float,
-                generator: torch.Generator | None, full_flops: int) -> StepOut:
-    """(1) SGD on the weights with a train batch (CE), then (2) Adam on the logits with a
-    valid batch (CE + lambda * FLOP loss); fresh Gumbel samples for each forward.
-
-    Each step computes only the gradients it applies: the logits are frozen in (1),
-    the weights in (2) (autograd then skips the weight gradients of every conv)."""
-    (xt, yt), (xv, yv) = train, valid
-    weights, arch = net.weight_parameters(), net.arch_parameters()
-    with _grad_only(weights, arch):
-        out_t = net(xt, net.sample(tau, config.topk, generator))
-        loss_t = F.cross_entropy(out_t, yt)
-        w_opt.zero_grad(set_to_none=True)
-        loss_t.backward()
-        w_opt.step()
-    with _grad_only(arch, weights):
-        out_v = net(xv, net.sample(tau, config.topk, generator))
-        loss_v = F.cross_entropy(out_v, yv)
-        fl = supernet_flop_loss(net, config.flops_ratio, config.tolerance, full_flops)
-        a_opt.zero_grad(set_to_none=True)
-        (loss_v + config.flop_weight * fl.loss).backward()
-        a_opt.step()
-    with torch.no_grad():
-        stats = torch.stack([
-            loss_t.double() * len(yt), (out_t.argmax(1) == yt).sum().double(),
-            loss_v.double() * len(yv), (out_v.argmax(1) == yv).sum().double(),
-            fl.loss.double().to(loss_t.device), loss_t.new_ones((), dtype=torch.float64),
-        ])
-    return StepOut(flop=fl, stats=stats)
+def _rank_logit_max_diff(dist: Dist, net: SuperNet) -> float:
+    """Largest difference between any rank's architecture logits and rank 0's."""
+    logits = torch.cat([p.detach().reshape(-1) for p in net.arch_parameters()])
+    diff = (logits - dist.broadcast_(logits.clone())).abs().max().reshape(1)
+    torch_dist.all_reduce(diff, op=torch_dist.ReduceOp.MAX)
+    return float(diff)
 
 
 def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str, Any]:
-    """One epoch of alternating weight / architecture steps; returns its metrics record."""
-    net, data, cfg = loop.net, loop.data, loop.config
+    """One epoch of alternating weight / architecture steps; returns its metrics record.
+
+    Continues `loop.resume_at` (a mid-epoch checkpoint's state) when set; writes a
+    checkpoint every `checkpoint_every` steps; when a stop is agreed, writes one and
+    raises `Interrupted` (at the epoch's last step it sets `loop.stopped` instead, and
+    `search` stops after the epoch-end checkpoint)."""
+    net, data, cfg, dist = loop.net, loop.data, loop.config, loop.dist
     device = net.width_logits.device
     tau = tau_at(epoch, cfg.epochs, cfg.tau_max, cfg.tau_min, cfg.tau_schedule)
-    gumbel = _generator(cfg.seed, epoch, 0, device)
-    train_aug, valid_aug = _generator(cfg.seed, epoch, 1), _generator(cfg.seed, epoch, 2)
+    run = loop.resume_at or _EpochRun.start(cfg, epoch, dist, device,
+                                            loop.w_opt.param_groups[0]["lr"])
+    loop.resume_at = None
+    batch = per_rank_batch(cfg.batch_size, dist)
     batches = zip(
-        data.train.batches(cfg.batch_size, indices=loop.train_idx, shuffle=True, drop_last=True,
-                           generator=_generator(cfg.seed, epoch, 3), train=True),
-        data.train.batches(cfg.batch_size, indices=loop.valid_idx, shuffle=True, drop_last=True,
-                           generator=_generator(cfg.seed, epoch, 4), train=True),
+        _epoch_batches(data, loop.train_idx, batch, _generator(cfg.seed, epoch, 3), dist,
+                       run.step),
+        _epoch_batches(data, loop.valid_idx, batch, _generator(cfg.seed, epoch, 4), dist,
+                       run.step),
     )
-    lr = loop.w_opt.param_groups[0]["lr"]
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # train/valid loss, correct; flop
-    n_seen, moves, start = 0, [0, 0, 0], time.perf_counter()
+    first, images, start = run.step, 0, time.perf_counter()
     net.train()
-    bar = progress(batches, total=loop.steps, desc=f"search {epoch + 1}/{cfg.epochs}",
+    bar = progress(batches, total=loop.steps - first, desc=f"search {epoch + 1}/{cfg.epochs}",
                    quiet=quiet)
-    for step, ((xt, yt), (xv, yv)) in enumerate(bar):
-        xt = data.transform(xt.to(device), train=True, generator=train_aug)
-        xv = data.transform(xv.to(device), train=True, generator=valid_aug)
+    for step, ((xt, yt), (xv, yv)) in enumerate(bar, start=first):
+        xt = data.transform(xt.to(device), train=True, generator=run.train_aug)
+        xv = data.transform(xv.to(device), train=True, generator=run.valid_aug)
         out = search_step(net, (xt, yt.to(device)), (xv, yv.to(device)), loop.w_opt,
-                          loop.a_opt, cfg, tau, gumbel, loop.full_flops)
+                          loop.a_opt, cfg, tau, run.gumbel, loop.full_flops, dist=dist,
+                          stop=loop.stop.requested, at=(epoch + 1, step + 1))
         loop.w_sched.step()
-        moves[out.flop.direction + 1] += 1
-        sums += out.stats
-        n_seen += len(yt)
+        run.add(out, len(yt))
+        images += len(yt)
         if not quiet and step % 20 == 0:
             bar.set_postfix(loss=f"{float(out.stats[0]) / len(yt):.3f}", tau=f"{tau:.2f}",
                             flops=f"{out.flop.current / loop.full_flops:.3f}")
+        if step + 1 == loop.steps:
+            loop.stopped = out.stop  # the epoch end writes the checkpoint
+        elif out.stop:
+            loop.save(epoch, run)
+            raise loop.interrupted(f"epoch {epoch + 1} step {step + 1} of {loop.steps}")
+        elif cfg.checkpoint_every and (epoch * loop.steps + step + 1) % cfg.checkpoint_every == 0:
+            loop.save(epoch, run)
     seconds = time.perf_counter() - start
-    s = sums.tolist()
+    s = run.totals(dist)
+    n_seen = int(s[6])
     shape = net.derive()
     flops = count_flops(shape)
     expected = float(supernet_expected_flops(net).detach())
-    return {
-        "phase": "search", "epoch": epoch + 1, "tau": tau, "lr": lr,
+    record = {
+        "phase": "search", "epoch": epoch + 1, "tau": tau, "lr": run.lr,
         "train_loss": s[0] / max(n_seen, 1), "train_acc": s[1] / max(n_seen, 1),
         "valid_loss": s[2] / max(n_seen, 1), "valid_acc": s[3] / max(n_seen, 1),
         "flop_loss": s[4] / max(s[5], 1),
         "expected_flops": expected, "argmax_flops": flops,
         "expected_ratio": expected / loop.full_flops, "flops_ratio": flops / loop.full_flops,
-        "target_ratio": cfg.flops_ratio,
-        "steps_below_band": moves[0], "steps_in_band": moves[1], "steps_above_target": moves[2],
+        "target_ratio": cfg.flops_ratio, "steps_below_band": run.moves[0],
+        "steps_in_band": run.moves[1], "steps_above_target": run.moves[2],
         "width_entropy": mean_entropy(net.width_logits, net.width_mask),
         "depth_entropy": mean_entropy(net.depth_logits, net.depth_mask),
         "blocks": list(shape.blocks),
-        "images_per_s": 2 * n_seen / seconds if seconds > 0 else 0.0, "seconds": seconds,
+        "images_per_s": 2 * images * dist.world_size / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
     }
+    if dist.enabled:
+        record["rank_logit_max_diff"] = diff = _rank_logit_max_diff(dist, net)
+        if diff != 0:
+            raise RuntimeError(
+                f"search: after epoch {epoch + 1} the architecture logits differ between "
+                f"processes (max abs difference {diff:.3g}); they must stay identical (same "
+                "Gumbel draws, averaged gradients): check that every process runs the same "
+                "tasprune version and settings")
+    return record
 
 
 def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
@@ -289,21 +538,25 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
            resume: bool = False, quiet: bool = False) -> SearchResult:
     """Search a pruned shape of `shape_full` at `config.flops_ratio` of its FLOPs.
 
-    Writes `out_dir/search.pt` (every epoch), `out_dir/metrics.jsonl` (a "search"
-    line per epoch, a "derive" line at the end) and `out_dir/shape.json`.
+    Writes `out_dir/search.pt` (every epoch, every `checkpoint_every` steps; the one
+    before as search.prev.pt), `out_dir/metrics.jsonl` (a "search" line per epoch, a
+    "derive" line at the end) and `out_dir/shape.json`.
     `teacher_state`: state dict of the trained unpruned network to start from.
-    `resume`: continue from `out_dir/search.pt` (same config; device may differ), or
-    start afresh when there is none.
+    `resume`: continue from `out_dir/search.pt` (or search.prev.pt when it is damaged;
+    same config, except device and checkpoint_every), or start afresh when there is none.
+    Launched by torchrun, the search runs on all its processes (module docstring).
+    Raises `NonFiniteLoss` on a NaN/inf loss and `Interrupted` after SIGINT/SIGTERM.
     """
     out = Path(out_dir)
     check_fits_data(shape_full, data, "network to search")
     space = SearchSpace.from_shape(shape_full, config.width_ratios, config.channel_multiple)
     check_budget(space, config.flops_ratio)
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
-    if not resume and ckpt_path.exists():
+    found = ckpt_path.exists() or previous_path(ckpt_path).exists()
+    if not resume and found:
         raise ValueError(f"{ckpt_path} exists: pass resume (--resume) to continue that search, "
                          f"or choose another output directory")
-    resume = resume and ckpt_path.exists()  # nothing to resume: start afresh (as train)
+    resume = resume and found  # nothing to resume: start afresh (as train)
     train_idx, valid_idx = per_class_split(data.train.labels, config.split_fraction,
                                            _generator(config.seed, 0, 5))
     steps = min(len(train_idx), len(valid_idx)) // config.batch_size
@@ -314,48 +567,56 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
             f"{min(len(train_idx), len(valid_idx))}"
         )
     device = resolve_device(config.device)
-    net = SuperNet(space, _generator(config.seed, 0, 6)).to(device)
-    if teacher_state is not None:
-        net.load_teacher(teacher_state)
-    # weight decay on every weight (BN included), as the TAS code
-    w_opt = make_sgd(net.weight_parameters(), config.lr, config.momentum, config.nesterov,
-                     config.weight_decay)
-    a_opt = torch.optim.Adam(net.arch_parameters(), lr=config.arch_lr, betas=config.arch_betas,
-                             weight_decay=config.arch_weight_decay)
-    w_sched = WarmupCosine(w_opt, total_steps=config.epochs * steps)
-    start = 0
-    if resume:
-        start = _restore(ckpt_path, device, shape_full, config, net, w_opt, a_opt, w_sched)
-    out.mkdir(parents=True, exist_ok=True)
-    drop_records(metrics_path, ("derive",))  # written again at the end
-    drop_records(metrics_path, ("search",), start)  # a resume redoes epochs after `start`
-    loop = SearchLoop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
-                 count_flops(shape_full), steps)
-    for epoch in range(start, config.epochs):
-        record = search_epoch(loop, epoch, quiet)
-        append_jsonl(metrics_path, record)
-        save_checkpoint(ckpt_path, {
-            "format": _FORMAT, "epoch": epoch + 1, "config": to_dict(config),
-            "shape_full": shape_full.to_dict(), "supernet": net.state_dict(),
-            "w_optimizer": w_opt.state_dict(), "a_optimizer": a_opt.state_dict(),
-            "w_scheduler": w_sched.state_dict(), "rng": rng_state(),
-            "teacher": teacher_state is not None,
-        })
-        if not quiet:
-            tqdm.write(
-                f"search epoch {epoch + 1}/{config.epochs}: tau {record['tau']:.2f}  "
-                f"train acc {record['train_acc']:.3f}  valid acc {record['valid_acc']:.3f}  "
-                f"FLOPs {record['flops_ratio']:.3f} (expected {record['expected_ratio']:.3f}, "
-                f"target {config.flops_ratio})  {record['images_per_s']:.0f} img/s",
-                file=sys.stderr)
-    return _finish(net, shape_full, config, out, metrics_path)
+    owns_group = launched_by_torchrun() and not torch_dist.is_initialized()
+    dist = init_from_env(device.type)
+    try:
+        per_rank_batch(config.batch_size, dist)
+        if dist.enabled and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+        net = SuperNet(space, _generator(config.seed, 0, 6)).to(device)
+        if teacher_state is not None:
+            net.load_teacher(teacher_state)
+        # weight decay on every weight (BN included), as the TAS code
+        w_opt = make_sgd(net.weight_parameters(), config.lr, config.momentum, config.nesterov,
+                         config.weight_decay)
+        a_opt = torch.optim.Adam(net.arch_parameters(), lr=config.arch_lr,
+                                 betas=config.arch_betas, weight_decay=config.arch_weight_decay)
+        w_sched = WarmupCosine(w_opt, total_steps=config.epochs * steps)
+        loop = SearchLoop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
+                          count_flops(shape_full), steps, out, shape_full,
+                          teacher=teacher_state is not None, dist=dist)
+        start = _restore(ckpt_path, shape_full, config, loop) if resume else 0
+        quiet = quiet or not dist.is_main
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            drop_records(metrics_path, ("derive",))  # written again at the end
+            drop_records(metrics_path, ("search",), start)  # a resume redoes epochs after it
+        with StopRequest() as loop.stop:
+            for epoch in range(start, config.epochs):
+                record = search_epoch(loop, epoch, quiet)
+                if dist.is_main:
+                    append_jsonl(metrics_path, record)
+                loop.save(epoch + 1)
+                if not quiet:
+                    tqdm.write(
+                        f"search epoch {epoch + 1}/{config.epochs}: tau {record['tau']:.2f}  "
+                        f"train acc {record['train_acc']:.3f}  valid acc "
+                        f"{record['valid_acc']:.3f}  FLOPs {record['flops_ratio']:.3f} "
+                        f"(expected {record['expected_ratio']:.3f}, target "
+                        f"{config.flops_ratio})  {record['images_per_s']:.0f} img/s",
+                        file=sys.stderr)
+                if loop.stopped and epoch + 1 < config.epochs:
+                    raise loop.interrupted(f"the end of epoch {epoch + 1}")
+        return _finish(net, shape_full, config, out, metrics_path, dist)
+    finally:
+        if owns_group and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
 
 
 def _finish(net: SuperNet, shape_full: Shape, config: SearchConfig, out: Path,
-            metrics_path: Path) -> SearchResult:
-    """Derive the argmax shape, write shape.json and the "derive" metrics line."""
+            metrics_path: Path, dist: Dist) -> SearchResult:
+    """Derive the argmax shape, write shape.json and the "derive" metrics line (rank 0)."""
     shape = net.derive()
-    shape.save(out / SHAPE)
     full = count_flops(shape_full)
     result = SearchResult(
         shape=shape, flops=count_flops(shape), params=count_params(shape), full_flops=full,
@@ -363,38 +624,50 @@ def _finish(net: SuperNet, shape_full: Shape, config: SearchConfig, out: Path,
         epochs=config.epochs, out_dir=out,
         history=[r for r in read_jsonl(metrics_path) if r.get("phase") == "search"],
     )
-    append_jsonl(metrics_path, {
-        "phase": "derive", "epoch": config.epochs, "flops": result.flops,
-        "params": result.params, "full_flops": full, "full_params": count_params(shape_full),
-        "target_flops": result.target_flops, "flops_ratio": result.flops / full,
-        "target_ratio": config.flops_ratio, "tolerance": config.tolerance,
-        "in_band": result.in_band, "blocks": list(shape.blocks),
-    })
+    if dist.is_main:
+        shape.save(out / SHAPE)
+        append_jsonl(metrics_path, {
+            "phase": "derive", "epoch": config.epochs, "flops": result.flops,
+            "params": result.params, "full_flops": full,
+            "full_params": count_params(shape_full), "target_flops": result.target_flops,
+            "flops_ratio": result.flops / full, "target_ratio": config.flops_ratio,
+            "tolerance": config.tolerance, "in_band": result.in_band,
+            "blocks": list(shape.blocks),
+        })
+    dist.barrier()
     return result
 
 
-def _restore(path: Path, device: torch.device, shape_full: Shape, config: SearchConfig,
-             net: SuperNet, w_opt: torch.optim.Optimizer, a_opt: torch.optim.Optimizer,
-             w_sched: torch.optim.lr_scheduler.LRScheduler) -> int:
-    """Load search.pt into the fresh objects; return the number of finished epochs."""
-    state = load_checkpoint(path, map_location=device)
+# settings a resume may change: where it runs and how often it checkpoints
+_RESUMABLE_CHANGES = ("device", "checkpoint_every")
+
+
+def _restore(path: Path, shape_full: Shape, config: SearchConfig, loop: SearchLoop) -> int:
+    """Load search.pt (or search.prev.pt when it is damaged) into the fresh objects of
+    `loop`; return the number of finished epochs (and set `loop.resume_at` when the
+    checkpoint was written mid-epoch)."""
+    state, used = load_latest(path)
     if state.get("format") != _FORMAT:
-        raise CheckpointError(f"{path}: not a tasprune search checkpoint")
+        raise CheckpointError(f"{used}: not a tasprune search checkpoint")
     saved_shape = Shape.from_dict(state["shape_full"])
     if saved_shape != shape_full:
-        raise ValueError(f"{path} searched {saved_shape.describe()} with "
+        raise ValueError(f"{used} searched {saved_shape.describe()} with "
                          f"{saved_shape.num_classes} classes, not {shape_full.describe()} with "
                          f"{shape_full.num_classes}; resume with the same model and data")
     saved = from_dict(SearchConfig, state["config"])
     diff = [f"{k} (saved {getattr(saved, k)!r}, now {getattr(config, k)!r})"
-            for k in to_dict(config) if k != "device" and getattr(saved, k) != getattr(config, k)]
+            for k in to_dict(config)
+            if k not in _RESUMABLE_CHANGES and getattr(saved, k) != getattr(config, k)]
     if diff:
-        raise ValueError(f"{path} was written with other search settings: {'; '.join(diff)}; "
+        raise ValueError(f"{used} was written with other search settings: {'; '.join(diff)}; "
                          f"resume with the same settings or start a new output directory")
-    net.load_state_dict(state["supernet"])
-    w_opt.load_state_dict(state["w_optimizer"])
-    a_opt.load_state_dict(state["a_optimizer"])
-    w_sched.load_state_dict(state["w_scheduler"])
+    loop.net.load_state_dict(state["supernet"])
+    loop.w_opt.load_state_dict(state["w_optimizer"])
+    loop.a_opt.load_state_dict(state["a_optimizer"])
+    loop.w_sched.load_state_dict(state["w_scheduler"])
     set_rng_state(state["rng"])
-    return int(state["epoch"])
-
+    epoch = int(state["epoch"])
+    if state.get("epoch_state") is not None:
+        loop.resume_at = _EpochRun.restore(state["epoch_state"], config, epoch, loop.dist,
+                                           loop.net.width_logits.device, used)
+    return epoch
