@@ -20,6 +20,7 @@ from typing import Any
 from tasprune import __version__
 from tasprune.baselines import METHODS as BASELINE_METHODS
 from tasprune.data import DATA_SPEC_HELP, DataBundle, load_data
+from tasprune.dist import launched_by_torchrun, leave_process_group
 from tasprune.faults import Interrupted, NonFiniteLoss
 from tasprune.flops import count_params, layer_table
 from tasprune.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
@@ -596,20 +597,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else None
+
+    def say(message: str, all_ranks: bool = True) -> None:
+        """One line on stderr; under torchrun prefixed with the rank (other ranks' copies
+        of rank 0's message are dropped unless `all_ranks`)."""
+        if rank is None:
+            print(f"tasprune {args.command}: {message}", file=sys.stderr)
+        elif rank == 0 or all_ranks:
+            print(f"tasprune {args.command} [rank {rank}]: {message}", file=sys.stderr)
+
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as exc:
-        print(f"tasprune {args.command}: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
     except NonFiniteLoss as exc:
-        print(f"tasprune {args.command}: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}", all_ranks=False)
         return 1
     except Interrupted as exc:
-        print(f"tasprune {args.command}: {exc}", file=sys.stderr)
+        say(str(exc), all_ranks=False)
         return exc.exit_status
     except KeyboardInterrupt:
-        print(f"tasprune {args.command}: interrupted", file=sys.stderr)
+        say("interrupted", all_ranks=False)
         return 130
+    finally:
+        leave_process_group()
 
 
 if __name__ == "__main__":

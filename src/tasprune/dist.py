@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["Dist", "init_from_env", "launched_by_torchrun", "per_rank_batch"]
+__all__ = ["Dist", "init_from_env", "launched_by_torchrun", "leave_process_group",
+           "per_rank_batch"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,12 @@ def init_from_env(device_type: str = "cpu") -> Dist:
         torch_dist.init_process_group(backend=backend)
     return Dist(rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(),
                 local_rank=local_rank)
+
+
+def leave_process_group() -> None:
+    """Destroy the torchrun process group if this process joined one (at exit)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def per_rank_batch(global_batch: int, dist: Dist) -> int:

@@ -39,7 +39,8 @@ class Interrupted(Exception):
         self.phase, self.signum, self.checkpoint = phase, signum, checkpoint
         name = signal.Signals(signum).name
         super().__init__(f"{phase}: stopped by {name} at {where}; checkpoint saved to "
-                         f"{checkpoint}; run the same command again to resume")
+                         f"{checkpoint}; to continue, run the same command with --resume "
+                         "(prune and demo continue without it)")
 
     @property
     def exit_status(self) -> int:

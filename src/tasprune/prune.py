@@ -52,6 +52,7 @@ from tasprune.models import ResNet
 from tasprune.report import write_report
 from tasprune.search.searcher import SearchConfig, search
 from tasprune.shape import Shape
+from tasprune.train.checkpoint import previous_path
 from tasprune.train.trainer import TrainConfig, resolve_device, train
 
 RECIPES_DIR = Path(__file__).parent / "configs"
@@ -134,6 +135,11 @@ def _log(quiet: bool, message: str) -> None:
         print(f"[tasprune] {message}", file=sys.stderr, flush=True)
 
 
+def _has_checkpoint(path: Path) -> bool:
+    """A checkpoint to resume from: `path`, or the previous one kept beside it."""
+    return path.is_file() or previous_path(path).is_file()
+
+
 def _has_phase(path: Path, phase: str) -> bool:
     return path.is_file() and any(r.get("phase") == phase for r in read_jsonl(path))
 
@@ -147,7 +153,7 @@ def _teacher(config: PruneConfig, full: Shape, data: DataBundle, out: Path,
     if (tdir / "model.safetensors").is_file():
         _log(quiet, f"teacher: done ({tdir}), skipping")
         return load_pruned(tdir)
-    resume = (tdir / "train.pt").is_file()
+    resume = _has_checkpoint(tdir / "train.pt")
     _log(quiet, f"teacher: {'resuming' if resume else 'training'} the unpruned {config.model} "
          f"for {config.teacher_train.epochs} epochs into {tdir}")
     return train(full, data, config.teacher_train, tdir, resume=resume).model
@@ -193,7 +199,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         if dist.is_main:
             _write_shape(config, full, shape, out)
     else:
-        resume = (out / "search.pt").is_file()
+        resume = _has_checkpoint(out / "search.pt")
         teacher_state = teacher.state_dict() if _is_unpruned(teacher, full) else None
         if teacher_state is None:
             _log(quiet, "search: the teacher is not the unpruned model; the supernet starts "
@@ -207,7 +213,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         _log(quiet, f"train: done ({out / 'model.safetensors'}), skipping")
         model = load_pruned(out)
     else:
-        resume = (out / "train.pt").is_file()
+        resume = _has_checkpoint(out / "train.pt")
         how = "with KD" if config.train.kd_alpha > 0 else "without KD (train.kd_alpha=0)"
         _log(quiet, f"train: {'resuming' if resume else 'training'} the {config.method} shape "
              f"{how} for {config.train.epochs} epochs")
