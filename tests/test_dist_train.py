@@ -85,14 +85,16 @@ def test_torchrun_train_on_the_demo_data_writes_one_run_and_matches_one_process(
 
     # Same global batches, but each rank's BatchNorm normalises with the statistics of
     # its 64 images and rank 1 draws other crops/flips, so the runs part after the
-    # first step (see the exact one-step test below). Over 2 epochs of this tiny
-    # net the epoch-mean training loss differed by 0.06-0.08 and the test accuracy
-    # by up to 0.06 (chance is 0.10); a broken all-reduce or sharding (e.g. each
-    # rank learning alone, or metrics of one rank) moves them by more than 0.15.
+    # first step on (the next test checks one step exactly). Measured here: the
+    # epoch-mean training loss differed by 0.029 and 0.001 (epochs 1 and 2), the final
+    # test accuracy by 0.018 (0.057 with batch 64; after epoch 1, with the BN running
+    # statistics of a barely trained net, by up to 0.17, so that one is not compared).
+    # Tolerance 0.1 on both: a chaotic short run on another CPU stays inside it, while
+    # a rank that learned alone or metrics of one rank only are caught above.
     ones = read_jsonl(tmp_path / "single/metrics.jsonl")
     for d, s in zip(records, ones, strict=True):
-        assert d["loss"] == pytest.approx(s["loss"], abs=0.15)
-        assert d["test_acc"] == pytest.approx(s["test_acc"], abs=0.15)
+        assert d["loss"] == pytest.approx(s["loss"], abs=0.1)
+    assert records[-1]["test_acc"] == pytest.approx(ones[-1]["test_acc"], abs=0.1)
     assert records[-1]["test_acc"] > 0.4
 
 
