@@ -96,6 +96,7 @@ class EpochControl:
     """Distribution and fault handling of one `train_one_epoch` call.
 
     epoch: the epoch's number (1-based), for messages.
+    dist: this process's place under torchrun (default: the single process).
     augment: this rank's augmentation generator; None = the epoch's generator (after
         the batch order, as a single process draws).
     stop: checked after every step; a request writes a checkpoint (`save`) and raises
