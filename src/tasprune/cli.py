@@ -144,8 +144,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "teacher; with --teacher, by knowledge distillation. Writes into --out DIR: "
         "model.safetensors + shape.json (the trained model, for `tasprune eval`, `tasprune "
         "export` and tasprune.load_pruned), train.pt (resumable checkpoint, updated every "
-        "epoch), best.pt (weights of the epoch with the best test accuracy), metrics.jsonl "
-        "(one line per epoch) and train_config.yaml (the settings).",
+        "epoch and every --checkpoint-every steps; the one before is kept as train.prev.pt), "
+        "best.pt (weights of the epoch with the best test accuracy), metrics.jsonl (one line "
+        "per epoch) and train_config.yaml (the settings). SIGINT/SIGTERM stop it after the "
+        "current step with a checkpoint. Runs on several processes under `torchrun "
+        "--nproc_per_node N -m tasprune train ...` (--batch-size stays the global batch).",
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", help="registered model name (see `tasprune models`): train "
@@ -179,6 +182,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
                    help="mixed precision (default auto: bf16/fp16 on CUDA, off on CPU)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="also write train.pt "
+                   "every N optimiser steps (default 0: only at epoch ends)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_train)
 
@@ -193,7 +198,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
                 "label_smoothing": args.label_smoothing, "kd_alpha": args.kd_alpha,
-                "kd_temperature": args.kd_temperature, "device": args.device, "amp": args.amp}
+                "kd_temperature": args.kd_temperature, "device": args.device, "amp": args.amp,
+                "checkpoint_every": args.checkpoint_every}
     config = TrainConfig(epochs=args.epochs, inherit=args.inherit, quiet=args.quiet,
                          **{k: v for k, v in settings.items() if v is not None})
     data = _load_data(args.data, args.quiet)
@@ -201,6 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                               data.in_channels)
     teacher = load_pruned(args.teacher) if args.teacher else None
     result = train(shape, data, config, args.out, teacher=teacher, resume=args.resume)
+    if result.rank != 0:  # under torchrun, rank 0 reports
+        return 0
     m = result.metrics
     print(f"{args.out}: test accuracy {100 * m['test_acc']:.2f}% after {m['epoch']} epochs "
           f"(best {100 * m['best_test_acc']:.2f}% at epoch {m['best_epoch']}); "

@@ -1,0 +1,59 @@
+"""`tasprune train` on synthetic data without augmentation, for torchrun in test_dist_train.py.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_train_worker.py train --model ...
+
+The arguments are the CLI's (`--data` is ignored: the data is `synthetic_bundle()` with
+crop and flip off, so a step's images do not depend on the augmentation draws).
+TEST_FAULT="KIND RANK STEP" injects a fault on one rank at one optimiser step of the
+run: KIND "signal" sends SIGTERM to that rank, "nan" makes its loss NaN. Each rank
+prints "rank R exit status N" when the CLI returns.
+"""
+
+import dataclasses
+import os
+import signal
+import sys
+
+import torch
+
+from synthetic import synthetic_bundle
+from tasprune import cli
+from tasprune.train import loop
+
+
+def data():
+    bundle = synthetic_bundle(n_train=64, n_test=21)
+    return dataclasses.replace(bundle, transform=dataclasses.replace(bundle.transform, pad=0,
+                                                                     flip=False))
+
+
+def _inject(kind: str, rank: int, step: int) -> None:
+    if int(os.environ["RANK"]) != rank:
+        return
+    real = loop.distill_loss
+    calls = {"n": 0}
+
+    def faulty(*args, **kwargs):
+        calls["n"] += 1
+        parts = real(*args, **kwargs)
+        if calls["n"] == step:
+            if kind == "signal":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                return dataclasses.replace(parts, total=parts.total * torch.nan)
+        return parts
+
+    loop.distill_loss = faulty
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if os.environ.get("TEST_FAULT"):
+        kind, rank, step = os.environ["TEST_FAULT"].split()
+        _inject(kind, int(rank), int(step))
+    cli._load_data = lambda spec, quiet=True: data()
+    code = cli.main(sys.argv[1:])
+    # torchrun terminates the other workers once one has exited non-zero, so the test
+    # reads each rank's exit status here, not from torchrun's report
+    print(f"rank {os.environ['RANK']} exit status {code}", file=sys.stderr, flush=True)
+    sys.exit(code)
