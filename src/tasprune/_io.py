@@ -51,9 +51,21 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Append one JSON line (metrics logs); flushed so a crash loses at most this line."""
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record, sort_keys=False) + "\n")
+    """Append one JSON line (metrics logs); flushed so a crash loses at most this line.
+
+    A torn last line left by a crash mid-write is cut off first, so the new record
+    starts on a line of its own (a torn line is never glued to a good record).
+    """
+    path = Path(path)
+    with open(path, "ab+") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end:
+            fh.seek(max(0, end - 1))
+            if fh.read(1) != b"\n":
+                fh.seek(0)
+                keep = fh.read().rfind(b"\n") + 1
+                fh.truncate(keep)
+        fh.write((json.dumps(record, sort_keys=False) + "\n").encode())
         fh.flush()
 
 
