@@ -184,11 +184,17 @@ CASES = [
     # FLOP ratio outside (0, 1], not a number, or below what the space can reach
     *[(f"search-ratio-{r}", ["search", "--model", "resnet20", "--flops-ratio", r, *T,
                              "--out", "{out}"], [f"'{r}' {RATIO}", "--flops-ratio"], "out")
-      for r in ("0", "-0.5", "1.5", "nan", "inf", "half")],
+      for r in ("nan", "inf", "half")],
+    *[(f"search-ratio-{r}", ["search", "--model", "resnet20", "--flops-ratio", r, *T,
+                             "--out", "{out}"], [f"flops ratio {float(r)} cannot be reached",
+                                                 "choose a ratio in [0.023, 1]"], "out")
+      for r in ("0", "-0.5", "1.5")],
     *[(f"prune-ratio-{r}", ["prune", "--flops-ratio", r, "--out", "{out}", "--quiet"],
-       [f"'{r}' {RATIO}"], "out") for r in ("0", "1.5", "nan", "abc")],
+       [f"'{r}' {RATIO}"], "out") for r in ("nan", "abc")],
+    *[(f"prune-ratio-{r}", ["prune", "--flops-ratio", r, "--out", "{out}", "--quiet"],
+       [f"flops_ratio = {float(r)}", "in (0, 1]"], "out") for r in ("0", "1.5")],
     ("baseline-ratio-neg", ["baseline", "--method", "l1", "--flops-ratio", "-1", "--out",
-                            "{out}"], [f"'-1' {RATIO}"], "out"),
+                            "{out}"], ["flops_ratio = -1.0", "in (0, 1]"], "out"),
     ("search-ratio-unreachable", ["search", "--model", "resnet20", "--flops-ratio", "0.01", *T,
                                   "--out", "{out}"],
      ["flops ratio 0.01 cannot be reached", "0.0229", "[0.023, 1]"], "out"),

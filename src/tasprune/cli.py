@@ -38,12 +38,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def flops_ratio(text: str) -> float:
-    """argparse type of --flops-ratio: a finite number in (0, 1]."""
+    """argparse type of --flops-ratio: a finite number (the range, which depends on the model's
+    search space, is checked where the space is known, with the reachable range named)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and 0 < value <= 1):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a number in (0, 1]; the FLOP budget is a fraction of the unpruned "
             "model's FLOPs, e.g. 0.5 for half")
