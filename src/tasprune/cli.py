@@ -68,9 +68,16 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+def _has_checkpoint(path: Path) -> bool:
+    """The checkpoint, or the previous one it keeps (resuming falls back to that one)."""
+    from tasprune.train.checkpoint import previous_path
+
+    return path.is_file() or previous_path(path).is_file()
+
+
 def check_resume(out: str | Path, checkpoint: str) -> None:
     """--resume needs a checkpoint to resume; starting afresh instead would hide a wrong --out."""
-    if not (Path(out) / checkpoint).is_file():
+    if not _has_checkpoint(Path(out) / checkpoint):
         raise UserError(f"{out} has no {checkpoint} to resume; run without --resume to start a "
                         "new run")
 
@@ -262,7 +269,8 @@ def _check_train_out(out: str, resume: bool) -> None:
     check_out_dir(out)
     if resume:
         check_resume(out, "train.pt")
-    elif (Path(out) / "model.safetensors").is_file() and not (Path(out) / "train.pt").is_file():
+    elif (Path(out) / "model.safetensors").is_file() and not _has_checkpoint(
+            Path(out) / "train.pt"):
         raise UserError(f"{out} already holds a trained model (model.safetensors) and no "
                         "train.pt to resume; choose another --out")
 
