@@ -27,17 +27,37 @@ from tasprune.shape import Shape
 METHODS = ("uniform", "l1", "random")
 
 
-def _check_ratio(full: Shape, flops_ratio: float, floor: Shape) -> int:
-    if not 0 < flops_ratio <= 1:
+def _check_ratio(full: Shape, flops_ratio: float, floor: Shape, method: str = "") -> int:
+    if not (math.isfinite(flops_ratio) and 0 < flops_ratio <= 1):
         raise ValueError(f"flops ratio must be in (0, 1], got {flops_ratio}")
     target = flops_ratio * count_flops(full)
     smallest = count_flops(floor)
     if smallest > target:
+        low = smallest / count_flops(full)
         raise ValueError(
-            f"flops ratio {flops_ratio} is below the smallest reachable "
-            f"{smallest / count_flops(full):.4f} for this method; use a larger ratio"
+            f"flops ratio {flops_ratio} is below the smallest reachable {low:.4f} (of the "
+            f"unpruned FLOPs) for {'the ' + method + ' method' if method else 'this method'}; "
+            f"choose a ratio in [{math.ceil(low * 1e4) / 1e4}, 1]"
         )
     return int(target)
+
+
+def smallest_shape(method: str, full: Shape, ratios: Sequence[float] = DEFAULT_RATIOS,
+                   multiple_of: int = 1, min_ratio: float = 0.1) -> Shape:
+    """The smallest shape `method` can give: its FLOPs bound the budgets it can reach."""
+    if method == "uniform":
+        return _scaled(full, 0.0)
+    if method == "l1":
+        return full.replace(widths=_min_widths(full, min_ratio))
+    if method == "random":
+        return SearchSpace.from_shape(full, ratios, multiple_of).smallest()
+    raise ValueError(f"unknown baseline method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def check_method_ratio(method: str, full: Shape, flops_ratio: float,
+                       ratios: Sequence[float] = DEFAULT_RATIOS, multiple_of: int = 1) -> None:
+    """Refuse a budget `method` cannot reach (naming the reachable range), before any training."""
+    _check_ratio(full, flops_ratio, smallest_shape(method, full, ratios, multiple_of), method)
 
 
 def _scaled(full: Shape, ratio: float) -> Shape:
@@ -47,7 +67,7 @@ def _scaled(full: Shape, ratio: float) -> Shape:
 
 def uniform_shape(full: Shape, flops_ratio: float, tol: float = 1e-4) -> Shape:
     """Every conv keeps round(r * C) channels; r is the largest with FLOPs <= target."""
-    target = _check_ratio(full, flops_ratio, _scaled(full, 0.0))
+    target = _check_ratio(full, flops_ratio, smallest_shape("uniform", full), "uniform")
     lo, hi = 0.0, 1.0
     if count_flops(_scaled(full, hi)) <= target:
         return _scaled(full, hi)
@@ -74,7 +94,7 @@ def l1_shape(full: Shape, teacher_state: Mapping[str, torch.Tensor], flops_ratio
     the FLOPs are at or below `flops_ratio` of the full network's.
     """
     floor = _min_widths(full, min_ratio)
-    target = _check_ratio(full, flops_ratio, full.replace(widths=floor))
+    target = _check_ratio(full, flops_ratio, full.replace(widths=floor), "l1")
     scores = []  # (score, slot) for every filter
     for slot, name in enumerate(_slot_weight_names(full)):
         if name not in teacher_state:
@@ -127,7 +147,7 @@ def random_shape(full: Shape, flops_ratio: float, samples: int = 1000, seed: int
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     space = SearchSpace.from_shape(full, ratios, multiple_of)
-    target = _check_ratio(full, flops_ratio, space.smallest())
+    target = _check_ratio(full, flops_ratio, space.smallest(), "random")
     gen = torch.Generator().manual_seed(seed)
     n_widths = torch.tensor([len(c) for c in space.widths])
     n_depths = torch.tensor([len(c) for c in space.depths])

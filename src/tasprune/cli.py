@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,58 @@ from tasprune.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
 
 class UserError(Exception):
     """A problem with the user's input; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), like every other error of the CLI."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def flops_ratio(text: str) -> float:
+    """argparse type of --flops-ratio: a finite number (the range, which depends on the model's
+    search space, is checked where the space is known, with the reachable range named)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number in (0, 1]; the FLOP budget is a fraction of the unpruned "
+            "model's FLOPs, e.g. 0.5 for half")
+    return value
+
+
+def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
+    """Refuse an output directory that cannot be written, before any long work starts.
+
+    Its parent must exist (a typo in it should not create a tree of directories, nor
+    fail after hours of training) and it must not be an existing file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is an existing file, not a directory; choose another "
+                        f"{flag}")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"output directory parent {parent} does not exist; create it first or "
+                        f"choose another {flag}")
+    return out
+
+
+def _has_checkpoint(path: Path) -> bool:
+    """The checkpoint, or the previous one it keeps (resuming falls back to that one)."""
+    from tasprune.train.checkpoint import previous_path
+
+    return path.is_file() or previous_path(path).is_file()
+
+
+def check_resume(out: str | Path, checkpoint: str) -> None:
+    """--resume needs a checkpoint to resume; starting afresh instead would hide a wrong --out."""
+    if not _has_checkpoint(Path(out) / checkpoint):
+        raise UserError(f"{out} has no {checkpoint} to resume; run without --resume to start a "
+                        "new run")
 
 
 def load_target_shape(
@@ -167,7 +221,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inherit", action="store_true", help="initialise from the teacher's "
                    "weights (largest-L1 channels, first blocks) instead of from scratch")
     p.add_argument("--resume", action="store_true", help="continue the run in DIR from its "
-                   "train.pt (same settings); starts afresh if there is none")
+                   "train.pt (same settings); refused if there is none")
     p.add_argument("--seed", type=int, help=f"random seed (default {_train_default('seed')})")
     p.add_argument("--batch-size", type=int,
                    help=f"batch size (default {_train_default('batch_size')})")
@@ -195,6 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.teacher is None and (args.kd_alpha is not None or args.kd_temperature is not None):
         raise UserError("--kd-alpha/--kd-temperature configure distillation, which needs "
                         "--teacher PATH")
+    _check_train_out(args.out, args.resume)
     settings = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                 "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
                 "label_smoothing": args.label_smoothing, "kd_alpha": args.kd_alpha,
@@ -206,6 +261,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     shape = load_target_shape(args.model or args.shape, data.num_classes, data.resolution,
                               data.in_channels)
     teacher = load_pruned(args.teacher) if args.teacher else None
+    if teacher is not None and args.shape is not None:
+        _check_teacher_of_shape(teacher.shape, shape, args.teacher, args.shape)
     result = train(shape, data, config, args.out, teacher=teacher, resume=args.resume)
     if result.rank != 0:  # under torchrun, rank 0 reports
         return 0
@@ -216,6 +273,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/model.safetensors + shape.json (the model), train.pt, best.pt, "
           "metrics.jsonl, train_config.yaml")
     return 0
+
+
+def _check_train_out(out: str, resume: bool) -> None:
+    check_out_dir(out)
+    if resume:
+        check_resume(out, "train.pt")
+    elif (Path(out) / "model.safetensors").is_file() and not _has_checkpoint(
+            Path(out) / "train.pt"):
+        raise UserError(f"{out} already holds a trained model (model.safetensors) and no "
+                        "train.pt to resume; choose another --out")
+
+
+def _check_teacher_of_shape(teacher: Shape, shape: Shape, teacher_path: str, target: str) -> None:
+    """A pruned shape learns from the unpruned network it was pruned from (same family, block
+    and depths); another architecture as teacher is almost always a mixed-up file."""
+    if (teacher.family, teacher.block, teacher.depths) != (shape.family, shape.block,
+                                                          shape.depths):
+        raise UserError(
+            f"--shape {target} was pruned from a {shape.family} ({shape.block} blocks, depths "
+            f"{list(shape.depths)}) but --teacher {teacher_path} is a {teacher.family} "
+            f"({teacher.block} blocks, depths {list(teacher.depths)}); give the teacher the "
+            "shape was pruned from, or a shape pruned from this teacher")
 
 
 # search -----------------------------------------------------------------------------
@@ -240,7 +319,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="registered model name (see `tasprune models`)")
     p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
-    p.add_argument("--flops-ratio", type=float, required=True, metavar="R",
+    p.add_argument("--flops-ratio", type=flops_ratio, required=True, metavar="R",
                    help="FLOP budget as a fraction of the unpruned model's FLOPs, in (0, 1]")
     p.add_argument("--epochs", type=int, required=True, help="search epochs (paper: 600)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
@@ -248,7 +327,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    "unpruned model: a run directory, model.safetensors (shape.json beside it) "
                    "or a train.pt/best.pt checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the search in DIR from its "
-                   "search.pt (same settings); starts afresh if there is none")
+                   "search.pt (same settings); refused if there is none")
     p.add_argument("--seed", type=int, help=f"random seed (default {defaults['seed']})")
     p.add_argument("--batch-size", type=int, help="batch size of each half (default "
                    f"{defaults['batch_size']})")
@@ -267,6 +346,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from tasprune.search.searcher import SearchConfig, check_budget, search
     from tasprune.search.space import SearchSpace
 
+    check_out_dir(args.out)
+    if args.resume:
+        check_resume(args.out, "search.pt")
     data = _load_data(args.data, args.quiet)
     full = Shape.full(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
                       resolution=data.resolution)
@@ -371,8 +453,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = Path(args.path)
     out = Path(args.out) if args.out else (
         (path if path.is_dir() else path.parent) / EXPORT_FORMATS[args.format])
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: no such directory")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name, e.g. "
+                        f"{out / EXPORT_FORMATS[args.format]}")
+    if not out.absolute().parent.is_dir():
+        raise UserError(f"output file parent {out.absolute().parent} does not exist; create it "
+                        "first or choose another --out")
     try:
         export_model(model, args.format, out)
     except ImportError as exc:
@@ -470,7 +556,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (created; its parent must exist)")
     p.add_argument("--model", help="model name (default: the recipe's, else resnet20)")
     p.add_argument("--data", help=DATA_SPEC_HELP)
-    p.add_argument("--flops-ratio", type=float, help="target FLOPs as a fraction of the "
+    p.add_argument("--flops-ratio", type=flops_ratio, help="target FLOPs as a fraction of the "
                    "unpruned model's, in (0, 1]")
     p.add_argument("--teacher", help="trained unpruned model (run dir or model.safetensors); "
                    "without it a teacher is trained first")
@@ -511,6 +597,7 @@ def _run_prune(recipe: str | None, overrides: list[str], out: str, quiet: bool) 
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
     return _run_prune(args.config, _prune_overrides(args), args.out, args.quiet)
 
 
@@ -590,7 +677,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 # parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tasprune",
         description="Prune a CNN to a FLOP budget by Transformable Architecture Search.",
     )

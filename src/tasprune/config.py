@@ -98,7 +98,7 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None,
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys")
         data = _merge(data, loaded)
@@ -171,6 +171,14 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if hint is Any:
         return value
     raise ConfigError(f"{key}: unsupported config type {_name(hint)}")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own text spans lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def _name(hint: Any) -> str:

@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from tasprune._io import append_jsonl, atomic_write_text, read_json, read_jsonl
-from tasprune.baselines import l1_shape, random_shape, uniform_shape
+from tasprune.baselines import check_method_ratio, l1_shape, random_shape, uniform_shape
 from tasprune.config import ConfigError, load_config, save_config, to_dict
 from tasprune.data import load_data
 from tasprune.data.source import DataBundle
@@ -50,10 +50,11 @@ from tasprune.flops import count_flops, count_params
 from tasprune.latency import LatencyConfig
 from tasprune.models import ResNet
 from tasprune.report import write_report
-from tasprune.search.searcher import SearchConfig, search
+from tasprune.search.searcher import SearchConfig, check_budget, search
+from tasprune.search.space import SearchSpace
 from tasprune.shape import Shape
 from tasprune.train.checkpoint import previous_path
-from tasprune.train.trainer import TrainConfig, resolve_device, train
+from tasprune.train.trainer import TrainConfig, check_fits_data, resolve_device, train
 
 RECIPES_DIR = Path(__file__).parent / "configs"
 CONFIG_FILE = "config.yaml"
@@ -144,11 +145,32 @@ def _has_phase(path: Path, phase: str) -> bool:
     return path.is_file() and any(r.get("phase") == phase for r in read_jsonl(path))
 
 
+def check_reachable(config: PruneConfig, full: Shape) -> None:
+    """Refuse a FLOP budget below the smallest shape the method can give (before any training)."""
+    search = config.search
+    if config.method == "tas":
+        check_budget(SearchSpace.from_shape(full, search.width_ratios, search.channel_multiple),
+                     search.flops_ratio)
+    else:
+        check_method_ratio(config.method, full, search.flops_ratio, ratios=search.width_ratios,
+                           multiple_of=search.channel_multiple)
+
+
+def _given_teacher(config: PruneConfig, full: Shape, data: DataBundle) -> ResNet | None:
+    """The user's --teacher, loaded and checked against the data and the method; else None."""
+    if config.teacher is None:
+        return None
+    teacher = load_pruned(config.teacher)
+    check_fits_data(teacher.shape, data, f"teacher {config.teacher}")
+    if config.method == "l1" and not _is_unpruned(teacher, full):
+        raise ValueError(f"method l1 ranks the filters of the unpruned {config.model}, but "
+                         f"the teacher {config.teacher} is {teacher.shape.describe()}; give a "
+                         f"trained unpruned {config.model} as teacher, or none to train one")
+    return teacher
+
+
 def _teacher(config: PruneConfig, full: Shape, data: DataBundle, out: Path,
              quiet: bool) -> ResNet:
-    if config.teacher is not None:
-        _log(quiet, f"teacher: loading {config.teacher}")
-        return load_pruned(config.teacher)
     tdir = out / "teacher"
     if (tdir / "model.safetensors").is_file():
         _log(quiet, f"teacher: done ({tdir}), skipping")
@@ -169,8 +191,11 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         config = dataclasses.replace(
             config, teacher_train=dataclasses.replace(config.teacher_train, quiet=True),
             train=dataclasses.replace(config.train, quiet=True))
-    if not out.parent.exists():
-        raise FileNotFoundError(f"{out.parent}: the parent of the output directory does not "
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a directory; choose another "
+                         "--out")
+    if not out.absolute().parent.is_dir():
+        raise FileNotFoundError(f"output directory parent {out.absolute().parent} does not "
                                 "exist; create it first or choose another --out")
     data = load_data(config.data, quiet=quiet)
     full = Shape.full(config.model, num_classes=data.num_classes,
@@ -181,12 +206,17 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         if diff:
             raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diff[:3])}); "
                               "choose another --out, or delete the directory to start over")
+    # every check that can fail comes before the first file is written and the first epoch
+    check_reachable(config, full)
+    given = _given_teacher(config, full, data)
     if dist.is_main:
         out.mkdir(exist_ok=True)
         save_config(config, saved)
     dist.barrier()
 
-    teacher = _teacher(config, full, data, out, quiet)
+    if given is not None:
+        _log(quiet, f"teacher: loaded {config.teacher}")
+    teacher = given if given is not None else _teacher(config, full, data, out, quiet)
     metrics = out / "metrics.jsonl"
     phase = "search" if config.method == "tas" else "shape"
     if _has_phase(metrics, "derive") and (out / "shape.json").is_file():

@@ -1,0 +1,393 @@
+"""Issue 7: a table of bad inputs and the one-line error the user sees for each.
+
+Every row runs `tasprune.cli.main([...])` in-process and asserts: exit status 2,
+stderr a single `tasprune CMD: error: ...` line holding the key facts (the bad
+value, the valid ones, the path, the reachable range), no traceback, and, where
+an output directory is involved, that a pre-existing directory (a sentinel file,
+and the files of an existing run where relevant) is left byte-identical. The
+same table, for users, is docs/errors.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from synthetic import synthetic_bundle
+from tasprune import cli
+from tasprune.data.idx import write_idx
+from tasprune.export import save_pruned
+from tasprune.models import build_model
+from tasprune.shape import PAPER_SHAPES_DIR, Shape
+from tasprune.train.trainer import TrainConfig, train
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+SENTINEL = "sentinel.txt"
+# the bundled demo data: 10 classes of 1x28x28 images
+DEMO = {"num_classes": 10, "in_channels": 1, "resolution": 28}
+SYNTHETIC = synthetic_bundle(n_train=48, n_test=24, classes=3, size=12)
+
+
+def _run_dir(path: Path, shape: Shape) -> str:
+    torch.manual_seed(0)
+    save_pruned(path, build_model(shape))
+    return str(path)
+
+
+def _json(path: Path, data: object) -> str:
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def _images(directory: Path, n: int = 3) -> None:
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            directory / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Every bad (and good) input file of the table, made once (on one thread: tiny nets)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _make_files(tmp_path_factory.mktemp("bad_input"))
+    torch.set_num_threads(threads)
+
+
+def _make_files(root: Path) -> dict[str, str]:
+    f: dict[str, str] = {}
+    demo20 = Shape.full("resnet20", **DEMO)
+    f["run20"] = _run_dir(root / "run20", demo20)
+    f["run32"] = _run_dir(root / "run32", Shape.full("resnet32", **DEMO))
+    f["run18"] = _run_dir(root / "run18", Shape.full("resnet18", **DEMO))
+    f["run8c3"] = _run_dir(root / "run8c3", Shape.full("resnet8", num_classes=3,
+                                                        in_channels=1, resolution=28))
+    f["run8rgb2"] = _run_dir(root / "run8rgb2", Shape.full("resnet8", num_classes=2,
+                                                            resolution=16))
+    # weights of a resnet8 (no shape in their metadata) beside the shape.json of a resnet20
+    mismatch = root / "mismatch"
+    mismatch.mkdir()
+    state = build_model(Shape.full("resnet8", **DEMO)).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(mismatch / "model.safetensors"))
+    demo20.save(mismatch / "shape.json")
+    f["mismatch"] = str(mismatch)
+    # a resumable training run (train.pt) of a resnet8 on the synthetic data
+    f["tr8"] = str(root / "tr8")
+    train(Shape.full("resnet8", num_classes=3, in_channels=1, resolution=12), SYNTHETIC,
+          TrainConfig(epochs=1, batch_size=16, quiet=True), f["tr8"])
+
+    full = Shape.full("resnet20").to_dict()
+    widths = full["widths"]
+    for name, change in {
+        "widths_len": {"widths": widths[:-1]}, "blocks_len": {"blocks": [3, 3]},
+        "width0": {"widths": [0, *widths[1:]]}, "width_neg": {"widths": [-4, *widths[1:]]},
+        "width_wide": {"widths": [999, *widths[1:]]},
+        "width_float": {"widths": [7.5, *widths[1:]]},
+        "width_str": {"widths": ["x", *widths[1:]]},
+    }.items():
+        f[name] = _json(root / f"{name}.json", {**full, **change})
+    f["not_json"] = _json(root / "not_json.json", "widths: [16, 16")
+    f["empty_json"] = _json(root / "empty.json", "")
+    tas = json.loads((PAPER_SHAPES_DIR / "C010-ResNet20.config").read_text())
+    tas["xchannels"][1] = tas["xchannels"][1][:-2]
+    f["tas_short"] = _json(root / "short.config", tas)
+    tas = json.loads((PAPER_SHAPES_DIR / "C010-ResNet20.config").read_text())
+    tas["depth"][1] = "21"
+    f["tas_depth21"] = _json(root / "depth21.config", tas)
+
+    # datasets
+    (root / "empty").mkdir()
+    f["empty"] = str(root / "empty")
+    garbage = root / "garbage" / "cifar-10-batches-py"
+    garbage.mkdir(parents=True)
+    for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"):
+        (garbage / name).write_bytes(b"not a pickle")
+    f["garbage"] = str(root / "garbage")
+    fm = root / "fmnist"
+    fm.mkdir()
+    images, labels = np.zeros((6, 28, 28), np.uint8), np.zeros(6, np.uint8)
+    for stem, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels),
+                        ("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)):
+        write_idx(fm / stem, array)
+    truncated = fm / "train-images-idx3-ubyte"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    f["fmnist_truncated"] = str(fm)
+    fm2 = root / "fmnist_swapped"
+    shutil.copytree(fm, fm2)
+    write_idx(fm2 / "train-images-idx3-ubyte", images)
+    write_idx(fm2 / "train-labels-idx1-ubyte", images)  # images where labels belong
+    f["fmnist_swapped"] = str(fm2)
+    (root / "no_classes" / "train").mkdir(parents=True)
+    (root / "no_classes" / "val").mkdir()
+    f["no_classes"] = str(root / "no_classes")
+    for name, broken in (("bad_train", "train/a/1.png"), ("bad_val", "val/b/2.png")):
+        for split in ("train", "val"):
+            for cls in ("a", "b"):
+                _images(root / name / split / cls)
+        (root / name / broken).write_bytes(b"\x89PNG garbage, not an image")
+        f[name] = str(root / name)
+
+    # recipes
+    f["recipe_unknown_key"] = _json(root / "unknown_key.yaml",
+                                    "model: resnet20\nsearch:\n  epochz: 3\n")
+    f["recipe_malformed"] = _json(root / "malformed.yaml", "model: [resnet20\nsearch: {\n")
+    f["afile"] = _json(root / "afile.txt", "not a directory\n")
+    return f
+
+
+@pytest.fixture(autouse=True)
+def synthetic_spec(monkeypatch):
+    """`--data synthetic` is a tiny in-memory dataset; every other spec loads as usual."""
+    real = cli._load_data
+    monkeypatch.setattr(cli, "_load_data", lambda spec, quiet=True:
+                        SYNTHETIC if spec == "synthetic" else real(spec, quiet))
+
+
+def _snapshot(path: Path) -> dict[str, tuple[bytes, int]]:
+    if path.is_file():
+        return {"": (path.read_bytes(), path.stat().st_mtime_ns)}
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else b"<dir>",
+                                       p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*"))}
+
+
+T = ["--data", "demo", "--epochs", "1"]  # train/search on the bundled data
+S = ["--data", "synthetic", "--epochs", "1", "--batch-size", "8", "--quiet"]
+RATIO = "is not a number in (0, 1]"
+
+# (id, argv with {placeholders}, fragments stderr must hold, what --out is:
+#  "out" an existing directory with a sentinel file, a key of `files` for a copy of that
+#  run (plus a sentinel), "missing" a path whose parent does not exist, or None)
+CASES = [
+    # unknown model name
+    ("flops-unknown-model", ["flops", "resnet999"], ["'resnet999'", "known: resnet8"], None),
+    ("train-unknown-model", ["train", "--model", "resnet999", *T, "--out", "{out}"],
+     ["'resnet999'", "resnet20"], "out"),
+    ("search-unknown-model", ["search", "--model", "resnet999", "--flops-ratio", "0.5", *T,
+                              "--out", "{out}"], ["'resnet999'", "resnet56"], "out"),
+    ("prune-unknown-model", ["prune", "--model", "resnet999", "--out", "{out}", "--quiet"],
+     ["'resnet999'", "resnet110"], "out"),
+    ("baseline-unknown-model", ["baseline", "--method", "uniform", "--model", "resnet999",
+                                "--out", "{out}", "--quiet"], ["'resnet999'"], "out"),
+    # FLOP ratio outside (0, 1], not a number, or below what the space can reach
+    *[(f"search-ratio-{r}", ["search", "--model", "resnet20", "--flops-ratio", r, *T,
+                             "--out", "{out}"], [f"'{r}' {RATIO}", "--flops-ratio"], "out")
+      for r in ("nan", "inf", "half")],
+    *[(f"search-ratio-{r}", ["search", "--model", "resnet20", "--flops-ratio", r, *T,
+                             "--out", "{out}"], [f"flops ratio {float(r)} cannot be reached",
+                                                 "choose a ratio in [0.023, 1]"], "out")
+      for r in ("0", "-0.5", "1.5")],
+    *[(f"prune-ratio-{r}", ["prune", "--flops-ratio", r, "--out", "{out}", "--quiet"],
+       [f"'{r}' {RATIO}"], "out") for r in ("nan", "abc")],
+    *[(f"prune-ratio-{r}", ["prune", "--flops-ratio", r, "--out", "{out}", "--quiet"],
+       [f"flops_ratio = {float(r)}", "in (0, 1]"], "out") for r in ("0", "1.5")],
+    ("baseline-ratio-neg", ["baseline", "--method", "l1", "--flops-ratio", "-1", "--out",
+                            "{out}"], ["flops_ratio = -1.0", "in (0, 1]"], "out"),
+    ("search-ratio-unreachable", ["search", "--model", "resnet20", "--flops-ratio", "0.01", *T,
+                                  "--out", "{out}"],
+     ["flops ratio 0.01 cannot be reached", "0.0229", "[0.023, 1]"], "out"),
+    ("prune-ratio-unreachable", ["prune", "--flops-ratio", "0.01", "--out", "{out}", "--quiet"],
+     ["flops ratio 0.01 cannot be reached", "[0.023, 1]"], "out"),
+    ("prune-override-ratio-unreachable", ["prune", "search.flops_ratio=0.005", "--out", "{out}",
+                                          "--quiet"], ["0.005 cannot be reached"], "out"),
+    ("prune-override-ratio-text", ["prune", "search.flops_ratio=abc", "--out", "{out}"],
+     ["search.flops_ratio: expected a number, got 'abc'"], "out"),
+    ("baseline-uniform-unreachable", ["baseline", "--method", "uniform", "--flops-ratio", "0.001",
+                                      "--out", "{out}", "--quiet"],
+     ["0.001 is below the smallest reachable 0.0020", "uniform method", "[0.0021, 1]"], "out"),
+    ("baseline-l1-unreachable", ["baseline", "--method", "l1", "--flops-ratio", "0.01",
+                                 "--teacher", "{run20}", "--out", "{out}", "--quiet"],
+     ["0.01 is below the smallest reachable 0.0149", "l1 method"], "out"),
+    # shape files: wrong lengths, wrong widths, not JSON
+    ("flops-widths-length", ["flops", "{widths_len}"],
+     ["widths_len.json", "has 19 conv slots, got 18 widths"], None),
+    ("flops-blocks-length", ["flops", "{blocks_len}"],
+     ["blocks_len.json", "expected 3 entries (one per stage), got 2"], None),
+    ("flops-width-zero", ["flops", "{width0}"], ["Shape.widths[0] = 0", "between 1 and 16"],
+     None),
+    ("flops-width-negative", ["flops", "{width_neg}"], ["Shape.widths[0] = -4"], None),
+    ("flops-width-too-wide", ["flops", "{width_wide}"], ["= 999", "between 1 and 16"], None),
+    ("flops-width-float", ["flops", "{width_float}"], ["must hold integers, got 7.5"], None),
+    ("flops-width-str", ["flops", "{width_str}"], ["must hold integers, got 'x'"], None),
+    ("flops-not-json", ["flops", "{not_json}"], ["not_json.json: not valid JSON"], None),
+    ("flops-empty-json", ["flops", "{empty_json}"], ["empty.json: not valid JSON"], None),
+    ("flops-missing-shape", ["flops", "nowhere.json"], ["nowhere.json: no such file"], None),
+    ("train-shape-width-zero", ["train", "--shape", "{width0}", *T, "--out", "{out}"],
+     ["width0.json: invalid shape", "Shape.widths[0] = 0"], "out"),
+    # TAS .config files: of another depth than the teacher, or inconsistent
+    ("train-config-56-teacher-20", ["train", "--shape", "C010-ResNet56", "--teacher", "{run20}",
+                                    *T, "--out", "{out}"],
+     ["--shape C010-ResNet56 was pruned from", "depths [9, 9, 9]", "depths [3, 3, 3]"], "out"),
+    ("train-config-file-56-teacher-20", ["train", "--shape",
+                                         str(PAPER_SHAPES_DIR / "C010-ResNet56.config"),
+                                         "--teacher", "{run20}", "--inherit", *T, "--out",
+                                         "{out}"], ["C010-ResNet56.config", "[9, 9, 9]"], "out"),
+    ("flops-config-widths", ["flops", "{tas_short}"],
+     ["short.config: not a valid TAS shape config", "19 conv slots, got 17"], None),
+    ("flops-config-depth", ["flops", "{tas_depth21}"],
+     ["depth21.config", "depth 21 does not fit ResNetBasicblock"], None),
+    # datasets: missing, empty, garbage, truncated, no class folders
+    ("data-cifar-missing", ["data", "info", "cifar10:{empty}/nope"],
+     ["nope: no such directory", "tasprune data download cifar10"], None),
+    ("data-cifar-empty", ["data", "info", "cifar10:{empty}"],
+     ["holds no cifar-10-batches-py/", "tasprune data download cifar10"], None),
+    ("data-cifar-garbage", ["data", "info", "cifar10:{garbage}"],
+     ["data_batch_1: wrong checksum"], None),
+    ("data-cifar-garbage-noverify", ["data", "info", "cifar10:{garbage},verify=no"],
+     ["data_batch_1: not a readable CIFAR python batch"], None),
+    ("data-fmnist-truncated", ["data", "info", "fashion-mnist:{fmnist_truncated}"],
+     ["train-images-idx3-ubyte: truncated", "download the file again"], None),
+    ("data-fmnist-swapped", ["data", "info", "fashion-mnist:{fmnist_swapped}"],
+     ["train-labels-idx1-ubyte: expected uint8 data with 1 dimension(s)"], None),
+    ("data-folder-empty", ["data", "info", "folder:{empty}"],
+     ["empty/train: no such directory"], None),
+    ("data-folder-no-classes", ["data", "info", "folder:{no_classes}"],
+     ["no_classes/train: no class folders"], None),
+    ("data-unknown-kind", ["data", "info", "imagenet:{empty}"],
+     ["unknown dataset", "folder:DIR"], None),
+    ("train-cifar-missing", ["train", "--model", "resnet20", "--data", "cifar10:{empty}/nope",
+                             "--epochs", "1", "--out", "{out}"], ["nope: no such directory"],
+     "out"),
+    # an unreadable image, found when its batch is decoded (in a worker or not)
+    ("train-folder-bad-image", ["train", "--model", "resnet8", "--data",
+                                "folder:{bad_train},resolution=16,workers=0", "--epochs", "1",
+                                "--batch-size", "4", "--out", "{out}", "--quiet"],
+     ["bad_train/train/a/1.png: cannot read image", "remove or replace the file"], None),
+    ("eval-folder-bad-image", ["eval", "{run8rgb2}", "--data",
+                               "folder:{bad_val},resolution=16", "--no-latency", "--quiet"],
+     ["bad_val/val/b/2.png: cannot read image"], None),
+    # a model or checkpoint from another model
+    ("eval-weights-not-shape", ["eval", "{mismatch}", "--data", "demo", "--no-latency",
+                                "--quiet"],
+     ["mismatch/model.safetensors: no weights for layer", "different model or shape"],
+     "mismatch"),
+    ("export-weights-not-shape", ["export", "{target}", "--format", "torchscript"],
+     ["model.safetensors: no weights for layer"], "mismatch"),
+    ("eval-other-classes", ["eval", "{run8c3}", "--data", "demo", "--no-latency", "--quiet"],
+     ["has 3 classes", "has 10 classes"], None),
+    ("train-teacher-other-classes", ["train", "--model", "resnet20", "--teacher", "{run8c3}",
+                                     *T, "--out", "{out}"], ["teacher has 3 classes"], "out"),
+    ("train-teacher-other-family", ["train", "--shape", "C010-ResNet20", "--teacher", "{run18}",
+                                    *T, "--out", "{out}"],
+     ["imagenet_resnet", "depths [2, 2, 2, 2]"], "out"),
+    ("train-inherit-other-family", ["train", "--model", "resnet20", "--inherit", "--teacher",
+                                    "{run18}", *T, "--out", "{out}"],
+     ["cannot inherit weights", "imagenet_resnet"], "out"),
+    ("search-teacher-other-family", ["search", "--model", "resnet20", "--teacher", "{run18}",
+                                     "--flops-ratio", "0.5", *T, "--out", "{out}"],
+     ["--teacher", "imagenet_resnet", "tasprune train --model resnet20"], "out"),
+    ("prune-teacher-other-classes", ["prune", "--teacher", "{run8c3}", "--out", "{out}",
+                                     "--quiet"], ["run8c3 has 3 classes", "10 classes"], "out"),
+    ("baseline-l1-teacher-other-depth", ["baseline", "--method", "l1", "--teacher", "{run32}",
+                                         "--out", "{out}", "--quiet"],
+     ["method l1 ranks the filters of the unpruned resnet20", "run32"], "out"),
+    ("train-resume-other-shape", ["train", "--model", "resnet14", *S, "--resume",
+                                  "--out", "{target}"],
+     ["train.pt: was written for another shape"], "tr8"),
+    ("train-over-finished-model", ["train", "--model", "resnet20", *T, "--out", "{target}"],
+     ["already holds a trained model (model.safetensors)", "choose another --out"], "run20"),
+    ("train-over-run", ["train", "--model", "resnet8", *S, "--out", "{target}"],
+     ["already holds a training run (train.pt)", "--resume"], "tr8"),
+    # output directory: parent missing, or an existing file
+    *[(f"{cmd}-out-parent-missing", argv, ["output directory parent", "missing/x does not exist",
+                                           "create it first"], "missing")
+      for cmd, argv in (
+          ("train", ["train", "--model", "resnet8", *S, "--out", "{missing}"]),
+          ("search", ["search", "--model", "resnet8", "--flops-ratio", "0.5", *S,
+                      "--out", "{missing}"]),
+          ("prune", ["prune", "--out", "{missing}", "--quiet"]),
+          ("baseline", ["baseline", "--method", "uniform", "--out", "{missing}", "--quiet"]))],
+    ("export-out-parent-missing", ["export", "{run20}", "--format", "torchscript", "--out",
+                                   "{missing}/model.pt"],
+     ["output file parent", "does not exist"], "missing"),
+    ("export-out-directory", ["export", "{run20}", "--format", "onnx", "--out", "{out}"],
+     ["is a directory; give a file name", "model.onnx"], "out"),
+    *[(f"{cmd}-out-is-file", [*argv, "--out", "{afile}"],
+       ["afile.txt is an existing file, not a directory"], "afile")
+      for cmd, argv in (("train", ["train", "--model", "resnet8", *S]),
+                        ("search", ["search", "--model", "resnet8", "--flops-ratio", "0.5", *S]),
+                        ("prune", ["prune", "--quiet"]), ("demo", ["demo", "--quiet"]))],
+    # recipes
+    ("recipe-unknown-key", ["prune", "--config", "{recipe_unknown_key}", "--out", "{out}"],
+     ["unknown_key.yaml: unknown config key search.epochz", "valid keys under search:",
+      "epochs"], "out"),
+    ("recipe-malformed", ["prune", "--config", "{recipe_malformed}", "--out", "{out}"],
+     ["malformed.yaml: not valid YAML", "line"], "out"),
+    ("recipe-unknown-name", ["prune", "--config", "cifar10-resnet21", "--out", "{out}"],
+     ["no recipe 'cifar10-resnet21'", "cifar10-resnet20", "demo"], "out"),
+    ("recipe-missing-file", ["baseline", "--method", "uniform", "--config", "nowhere.yaml",
+                             "--out", "{out}"], ["nowhere.yaml: no such config file"], "out"),
+    ("override-unknown-key", ["prune", "train.epochz=3", "--out", "{out}"],
+     ["unknown config key train.epochz", "valid keys under train:"], "out"),
+    # --resume with nothing to resume
+    ("train-resume-nothing", ["train", "--model", "resnet8", *S, "--resume", "--out", "{out}"],
+     ["has no train.pt to resume", "run without --resume"], "out"),
+    ("search-resume-nothing", ["search", "--model", "resnet8", "--flops-ratio", "0.5", *S,
+                               "--resume", "--out", "{out}"],
+     ["has no search.pt to resume", "run without --resume"], "out"),
+]
+
+
+@pytest.mark.parametrize("argv, fragments, out", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(files, tmp_path, capsys, argv, fragments, out):
+    paths = dict(files, out=str(tmp_path / "out"), missing=str(tmp_path / "missing/x/run"),
+                 target=str(tmp_path / "target"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / SENTINEL).write_text("keep me\n")
+    watched = None
+    if out == "out":
+        watched = tmp_path / "out"
+    elif out == "afile":
+        watched = Path(files["afile"])
+    elif out in files:  # an existing run of `files`, copied (with a sentinel)
+        watched = Path(shutil.copytree(files[out], tmp_path / "target"))
+        (watched / SENTINEL).write_text("keep me\n")
+    before = _snapshot(watched) if watched is not None else None
+
+    try:
+        status = cli.main([a.format(**paths) for a in argv])
+    except SystemExit as exc:  # argparse rejects the arguments themselves
+        status = exc.code
+
+    captured = capsys.readouterr()
+    command = argv[0]
+    assert status == 2, captured.err
+    assert "Traceback" not in captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"tasprune {command}: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment.format(**paths) in lines[0], (fragment, lines[0])
+    if watched is not None:
+        assert _snapshot(watched) == before
+    if out == "missing":
+        assert not (tmp_path / "missing").exists()
+
+
+def test_bad_image_in_a_decoding_worker_reaches_the_terminal_as_one_line(files, tmp_path):
+    """A real process: the error of a DataLoader worker at the first batch, without traceback."""
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasprune", "train", "--model", "resnet8", "--data",
+         f"folder:{files['bad_train']},resolution=16,workers=1", "--epochs", "1",
+         "--batch-size", "4", "--out", str(tmp_path / "run"), "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"tasprune train: error: {files['bad_train']}/train/a/1.png: cannot read "
+                     "image (cannot identify image file "
+                     f"'{files['bad_train']}/train/a/1.png'); remove or replace the file"]
