@@ -694,13 +694,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else None
 
-    def say(message: str, all_ranks: bool = True) -> None:
-        """One line on stderr; under torchrun prefixed with the rank (other ranks' copies
-        of rank 0's message are dropped unless `all_ranks`)."""
-        if rank is None:
-            print(f"tasprune {args.command}: {message}", file=sys.stderr)
-        elif rank == 0 or all_ranks:
-            print(f"tasprune {args.command} [rank {rank}]: {message}", file=sys.stderr)
+    def say(message: str) -> None:
+        """One line on stderr; under torchrun every rank says it, prefixed with its rank
+        (so a user sees that all ranks stopped, and where)."""
+        where = "" if rank is None else f" [rank {rank}]"
+        print(f"tasprune {args.command}{where}: {message}", file=sys.stderr)
 
     try:
         return int(args.func(args) or 0)
@@ -708,13 +706,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"error: {exc}")
         return 2
     except NonFiniteLoss as exc:
-        say(f"error: {exc}", all_ranks=False)
+        say(f"error: {exc}")
         return 1
     except Interrupted as exc:
-        say(str(exc), all_ranks=False)
+        say(str(exc))
         return exc.exit_status
     except KeyboardInterrupt:
-        say("interrupted", all_ranks=False)
+        say("interrupted")
         return 130
     finally:
         leave_process_group()
