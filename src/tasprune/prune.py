@@ -60,7 +60,7 @@ RECIPES_DIR = Path(__file__).parent / "configs"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 # settings that may change between a run and its resumption
-_RUNTIME_KEYS = {"quiet", "device", "amp", "eval_every"}
+_RUNTIME_KEYS = {"quiet", "device", "amp", "eval_every", "checkpoint_every"}
 Method = Literal["tas", "uniform", "l1", "random"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 
