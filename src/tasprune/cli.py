@@ -591,6 +591,8 @@ def _run_prune(recipe: str | None, overrides: list[str], out: str, quiet: bool) 
 
     config = load_prune_config(recipe, tuple(overrides))
     summary = prune(config, out, quiet=quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports
     print(format_summary(summary))
     print(f"\nrun directory: {out} (report: {out}/report.md, model: {out}/model.safetensors)")
     return 0
