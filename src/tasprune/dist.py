@@ -15,6 +15,7 @@ of a single-process run with the same seed.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -111,8 +112,14 @@ def init_from_env(device_type: str = "cpu") -> Dist:
 
 
 def leave_process_group() -> None:
-    """Destroy the torchrun process group if this process joined one (at exit)."""
+    """Destroy the torchrun process group if this process joined one (at exit).
+
+    Unreachable objects that hold the group (a DistributedDataParallel wrapper sits in
+    a reference cycle) are collected first: freed after the group, at interpreter exit,
+    they can abort the process (SIGABRT, "terminate called without an active exception").
+    """
     if torch_dist.is_available() and torch_dist.is_initialized():
+        gc.collect()
         torch_dist.destroy_process_group()
 
 

@@ -76,7 +76,13 @@ from tqdm import tqdm
 from tasprune._io import append_jsonl, drop_records, read_jsonl
 from tasprune.config import from_dict, to_dict
 from tasprune.data.source import DataBundle, per_class_split
-from tasprune.dist import Dist, init_from_env, launched_by_torchrun, per_rank_batch
+from tasprune.dist import (
+    Dist,
+    init_from_env,
+    launched_by_torchrun,
+    leave_process_group,
+    per_rank_batch,
+)
 from tasprune.faults import Interrupted, NonFiniteLoss, StopRequest
 from tasprune.flops import count_flops, count_params
 from tasprune.progress import progress
@@ -610,7 +616,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
         return _finish(net, shape_full, config, out, metrics_path, dist)
     finally:
         if owns_group and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+            leave_process_group()
 
 
 def _finish(net: SuperNet, shape_full: Shape, config: SearchConfig, out: Path,

@@ -61,7 +61,13 @@ from tqdm import tqdm
 from tasprune._io import append_jsonl, drop_records, read_jsonl
 from tasprune.config import save_config, to_dict
 from tasprune.data.source import DataBundle
-from tasprune.dist import Dist, init_from_env, launched_by_torchrun, per_rank_batch
+from tasprune.dist import (
+    Dist,
+    init_from_env,
+    launched_by_torchrun,
+    leave_process_group,
+    per_rank_batch,
+)
 from tasprune.export import SHAPE_FILE, save_pruned
 from tasprune.faults import Interrupted, StopRequest
 from tasprune.flops import count_flops, count_params
@@ -261,7 +267,7 @@ def train(
         return _train(shape, data, config, out, teacher, resume and has_checkpoint, device, dist)
     finally:
         if joined and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+            leave_process_group()
 
 
 def _train(shape: Shape, data: DataBundle, config: TrainConfig, out: Path,
