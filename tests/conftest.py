@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from tasprune.data import load_data
+from tasprune.data.idx import write_idx
 
 
 def hook_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -42,3 +46,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_subset(tmp_path_factory) -> str:
+    """The first 480/60 demo images at 14x14 as Fashion-MNIST IDX files (a `--data` spec):
+    the command line on real data, small enough for a search of a few seconds."""
+    out = tmp_path_factory.mktemp("fashion-mnist")
+    demo = load_data("demo")
+    for split, src, n in (("train", demo.train, 480), ("t10k", demo.test, 60)):
+        write_idx(out / f"{split}-images-idx3-ubyte", src.images[:n, 0, ::2, ::2].numpy())
+        write_idx(out / f"{split}-labels-idx1-ubyte", src.labels[:n].numpy().astype(np.uint8))
+    return f"fashion-mnist:{out}"

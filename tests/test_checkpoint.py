@@ -62,13 +62,13 @@ def test_fallback_keeps_the_good_previous_and_sets_the_damaged_one_aside(tmp_pat
     state, used = load_latest(path)
     assert (state["epoch"], used) == (1, previous_path(path))
     assert "warning" in capsys.readouterr().err
+    assert not path.exists() and damaged_path(path).is_file()  # set aside, not deleted
+    with pytest.raises(CheckpointError):
+        load_checkpoint(damaged_path(path))
     # the next save must not push the damaged file onto the good previous one
     save_checkpoint(path, _state(3), keep_previous=True)
     assert load_checkpoint(previous_path(path))["epoch"] == 1
     assert load_checkpoint(path)["epoch"] == 3
-    assert damaged_path(path).is_file()
-    with pytest.raises(CheckpointError):
-        load_checkpoint(damaged_path(path))
     save_checkpoint(path, _state(4), keep_previous=True)  # back to normal rotation
     assert load_checkpoint(previous_path(path))["epoch"] == 3
 

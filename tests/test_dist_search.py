@@ -18,8 +18,6 @@ import torch
 
 from tasprune import Shape
 from tasprune._io import read_jsonl
-from tasprune.data import load_data
-from tasprune.data.idx import write_idx
 from tasprune.search import searcher
 from tasprune.search.space import SearchSpace
 from tasprune.search.supernet import SuperNet
@@ -41,15 +39,6 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
 
 
-@pytest.fixture(scope="module")
-def demo_subset(tmp_path_factory) -> str:
-    """The first 480/60 demo images at 14x14 as Fashion-MNIST IDX files (a `--data` spec)."""
-    out = tmp_path_factory.mktemp("fashion-mnist")
-    demo = load_data("demo")
-    for split, src, n in (("train", demo.train, 480), ("t10k", demo.test, 60)):
-        write_idx(out / f"{split}-images-idx3-ubyte", src.images[:n, 0, ::2, ::2].numpy())
-        write_idx(out / f"{split}-labels-idx1-ubyte", src.labels[:n].numpy().astype(np.uint8))
-    return f"fashion-mnist:{out}"
 
 
 def _search_args(data: str, out: Path, *extra: str) -> list[str]:

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 
+from synthetic import brightness_bundle
 from tasprune import Shape
 from tasprune._io import read_jsonl
 from tasprune.cli import main
-from tasprune.data import load_data
-from tasprune.data.idx import write_idx
-from tasprune.data.source import BatchTransform, DataBundle, TensorImages
+from tasprune.data.source import DataBundle
 from tasprune.faults import Interrupted, NonFiniteLoss
 from tasprune.search import searcher
 from tasprune.search.searcher import SearchConfig, search
@@ -42,15 +41,8 @@ TIMING = ("seconds", "images_per_s")
 STEPS = 6  # per epoch: 192 images, halves of 96, batch 16
 
 
-def _data(n: int = 192, classes: int = 4, res: int = 8) -> DataBundle:
-    """Random images whose class sets the brightness of one channel (learnable)."""
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(n) % classes
-    images = torch.randint(0, 120, (n, 3, res, res), generator=gen)
-    images[:, 0] += (labels * 40)[:, None, None]
-    src = TensorImages(images.clamp(0, 255).to(torch.uint8), labels)
-    return DataBundle(name="tiny", train=src, test=src, num_classes=classes, in_channels=3,
-                      resolution=res, transform=BatchTransform((0.5,) * 3, (0.25,) * 3, pad=1))
+def _data(n: int = 192, **kwargs) -> DataBundle:
+    return brightness_bundle(n, **kwargs)
 
 
 FULL = Shape.full("resnet8", num_classes=4, resolution=8)
@@ -272,16 +264,6 @@ def test_the_guard_runs_before_each_optimiser_step(monkeypatch, which):
     assert all(torch.equal(a, b) for a, b in zip(logits, net.arch_parameters()))
 
 
-@pytest.fixture(scope="module")
-def demo_subset(tmp_path_factory) -> str:
-    """The first 480/60 demo images at 14x14 as Fashion-MNIST IDX files (`--data` spec):
-    the command line on the real data, small enough for a few seconds per search."""
-    out = tmp_path_factory.mktemp("fashion-mnist")
-    demo = load_data("demo")
-    for split, src, n in (("train", demo.train, 480), ("t10k", demo.test, 60)):
-        write_idx(out / f"{split}-images-idx3-ubyte", src.images[:n, 0, ::2, ::2].numpy())
-        write_idx(out / f"{split}-labels-idx1-ubyte", src.labels[:n].numpy().astype(np.uint8))
-    return f"fashion-mnist:{out}"
 
 
 def _cli_args(data: str, out: Path, *extra: str) -> list[str]:

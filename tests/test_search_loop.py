@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+from synthetic import brightness_bundle
 from tasprune import Shape, count_flops
 from tasprune._io import read_jsonl
-from tasprune.data.source import BatchTransform, DataBundle, TensorImages
+from tasprune.data.source import DataBundle
 from tasprune.search import searcher
 from tasprune.search.cost import flop_loss, supernet_expected_flops, supernet_flop_loss
 from tasprune.search.searcher import SearchConfig, check_budget, search
@@ -17,15 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def _data(n: int = 96, classes: int = 4, res: int = 8, seed: int = 0) -> DataBundle:
-    """Random images whose class sets the mean brightness of one channel (learnable)."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % classes
-    images = torch.randint(0, 120, (n, 3, res, res), generator=gen)
-    images[:, 0] += (labels * 40)[:, None, None]
-    src = TensorImages(images.clamp(0, 255).to(torch.uint8), labels)
-    return DataBundle(name="tiny", train=src, test=src, num_classes=classes, in_channels=3,
-                      resolution=res, transform=BatchTransform((0.5,) * 3, (0.25,) * 3, pad=1))
+def _data(n: int = 96, **kwargs) -> DataBundle:
+    return brightness_bundle(n, **kwargs)
 
 
 def _full(name: str = "resnet8") -> Shape:

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from typing import Any
 from tasprune import __version__
 from tasprune.baselines import METHODS as BASELINE_METHODS
 from tasprune.data import DATA_SPEC_HELP, DataBundle, load_data
-from tasprune.dist import launched_by_torchrun, leave_process_group
+from tasprune.dist import env_rank, leave_process_group
 from tasprune.faults import Interrupted, NonFiniteLoss
 from tasprune.flops import count_params, layer_table
 from tasprune.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
@@ -372,7 +371,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         teacher_state = teacher.state_dict()
     result = search(full, data, config, args.out, teacher_state=teacher_state,
                     resume=args.resume, quiet=args.quiet)
-    if os.environ.get("RANK", "0") != "0":
+    if env_rank():
         return 0  # under torchrun, rank 0 reports
     band = "inside" if result.in_band else "outside"
     print(f"{args.out}: searched {result.shape.describe()}: FLOPs {_fmt_count(result.flops)} "
@@ -591,7 +590,7 @@ def _run_prune(recipe: str | None, overrides: list[str], out: str, quiet: bool) 
 
     config = load_prune_config(recipe, tuple(overrides))
     summary = prune(config, out, quiet=quiet)
-    if os.environ.get("RANK", "0") != "0":
+    if env_rank():
         return 0  # under torchrun, rank 0 reports
     print(format_summary(summary))
     print(f"\nrun directory: {out} (report: {out}/report.md, model: {out}/model.safetensors)")
@@ -694,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0")) if launched_by_torchrun() else None
+    rank = env_rank()
 
     def say(message: str) -> None:
         """One line on stderr; under torchrun every rank says it, prefixed with its rank

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["Dist", "init_from_env", "launched_by_torchrun", "leave_process_group",
-           "per_rank_batch"]
+__all__ = ["Dist", "env_rank", "init_from_env", "launched_by_torchrun",
+           "leave_process_group", "per_rank_batch"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,11 @@ class Dist:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def env_rank() -> int | None:
+    """This process's rank as torchrun set it, or None when not launched by torchrun."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else None
 
 
 def init_from_env(device_type: str = "cpu") -> Dist:

@@ -9,13 +9,14 @@ RNG states, config). Guarantees:
   file is detected at load (torch's zip reader does not check tensor payloads);
 - `save_checkpoint(..., keep_previous=True)` keeps the checkpoint it replaces as
   `NAME.prev.pt`, and `load_latest` falls back to it when the newest is damaged
-  (the damaged file is then moved to `NAME.damaged.pt` by the next save);
+  (the damaged file is then moved to `NAME.damaged.pt`);
 - a state holding a NaN or infinite float tensor is refused (`NonFiniteError`), so
   a diverged run never overwrites its last good checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -32,9 +33,6 @@ from torch import nn
 from tasprune._io import atomic_write
 
 _WRAPPER = "tasprune.checkpoint/v2"
-# checkpoints this process found damaged (load_latest fell back past them): the next
-# save moves them aside instead of onto the good previous checkpoint
-_DAMAGED: set[Path] = set()
 
 
 class CheckpointError(ValueError):
@@ -52,7 +50,8 @@ def previous_path(path: str | os.PathLike[str]) -> Path:
 
 
 def damaged_path(path: str | os.PathLike[str]) -> Path:
-    """Where a checkpoint found damaged is moved by the next save (kept, not deleted)."""
+    """Where `load_latest` moves a damaged checkpoint (kept, not deleted), so the next save
+    does not push it onto the good previous one."""
     path = Path(path)
     return path.with_name(f"{path.stem}.damaged{path.suffix}")
 
@@ -89,10 +88,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any],
 
     def write(tmp: Path) -> None:
         torch.save(wrapped, tmp)
-        if path.resolve() in _DAMAGED and path.is_file():
-            os.replace(path, damaged_path(path))  # keep the good .prev where it is
-            _DAMAGED.discard(path.resolve())
-        elif keep_previous and path.is_file():
+        if keep_previous and path.is_file():
             os.replace(path, previous_path(path))  # a crash here leaves .prev + the temp
 
     atomic_write(path, write)
@@ -121,9 +117,9 @@ def load_latest(path: str | os.PathLike[str], map_location: str | torch.device =
                 ) -> tuple[dict[str, Any], Path]:
     """Load `path`, or its kept previous checkpoint when `path` is damaged or missing.
 
-    Falling back prints a warning naming both files; the damaged file is kept: the
-    next save of `path` moves it to `damaged_path(path)` rather than onto the good
-    previous checkpoint. Raises `CheckpointError` when neither is readable.
+    Falling back prints a warning naming both files and moves the damaged file to
+    `damaged_path(path)` (kept, not deleted), so the next save cannot rotate it onto
+    the good previous checkpoint. Raises `CheckpointError` when neither is readable.
     """
     path, prev = Path(path), previous_path(path)
     try:
@@ -136,9 +132,10 @@ def load_latest(path: str | os.PathLike[str], map_location: str | torch.device =
         except CheckpointError as exc_prev:
             raise CheckpointError(f"{exc}; the previous checkpoint is damaged too: "
                                   f"{exc_prev}") from None
-        _DAMAGED.add(path.resolve())
+        with contextlib.suppress(OSError):  # another rank may have moved it already
+            os.replace(path, damaged_path(path))
         print(f"warning: {exc}; resuming from the previous checkpoint {prev} instead (the "
-              f"damaged file will be kept as {damaged_path(path).name})", file=sys.stderr)
+              f"damaged file is kept as {damaged_path(path).name})", file=sys.stderr)
         return state, prev
 
 
