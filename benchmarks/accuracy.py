@@ -9,14 +9,19 @@ seed runs each method as a `tasprune prune` run directory ROOT/<method>-seed<k>:
     uniform   one width ratio for every conv (bisection), KD training
     l1        global L1-norm filter ranking of the teacher, weights inherited, KD training
     random    best of `random_samples` shapes drawn from the TAS search space, KD training
+    uniform-eq, l1-eq, random-eq
+              the same baselines trained for the search epochs longer (equal total
+              compute: a search epoch passes over the training set once, as a training
+              epoch does)
 
 Every method gets the same training recipe and epochs (TAS also spends the search
-epochs; the baselines have no search). The seed sets the search and training seeds;
-the teacher is shared. Re-running the same command resumes: finished runs are read
-back, unfinished ones continue from their checkpoints. Prints one JSON line per
-finished run, then a Markdown table (mean +- sample std of test accuracy over seeds,
-FLOPs, params, CPU latency at batch 1 and 64 as measured at the end of each run),
-and writes ROOT/results.jsonl and ROOT/results.md.
+epochs; the baselines have no search; the -eq ones train that much longer). The seed
+sets the search and training seeds; the teacher is shared. Re-running the same command
+resumes: finished runs are read back, unfinished ones continue from their checkpoints.
+Prints one JSON line per finished run, then a Markdown table (mean +- sample std of
+test accuracy over seeds, FLOPs, params, CPU latency at batch 1 and 64 as measured at
+the end of each run), whether TAS beats the best baseline by more than the seed std,
+and the search's health per TAS run; writes ROOT/results.jsonl and ROOT/results.md.
 
     python benchmarks/accuracy.py --model resnet20 --data fashion-mnist --flops-ratio 0.5 \\
         --teacher-epochs 30 --search-epochs 30 --train-epochs 30 --seeds 0 1 2 \\
@@ -49,7 +54,11 @@ METHODS: dict[str, tuple[str, ...]] = {
     "uniform": ("method=uniform",),
     "l1": ("method=l1",),
     "random": ("method=random",),
+    "uniform-eq": ("method=uniform",),
+    "l1-eq": ("method=l1",),
+    "random-eq": ("method=random",),
 }
+BASELINES = ("uniform", "l1", "random")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,13 +145,30 @@ def _log(message: str) -> None:
 
 
 def run_row(method: str, seed: int, summary: dict[str, Any], run: Path) -> dict[str, Any]:
-    """One results line from a run's summary.json."""
-    return {"method": method, "seed": seed, "acc": summary["acc_pruned"],
-            "flops": summary["flops_pruned"], "params": summary["params_pruned"],
-            "ratio": summary["flops_ratio"], "latency_ms": summary["latency_ms"]["pruned"],
-            "acc_teacher": summary["acc_full"], "flops_teacher": summary["flops_full"],
-            "params_teacher": summary["params_full"],
-            "latency_ms_teacher": summary["latency_ms"]["dense"], "run": str(run)}
+    """One results line from a run's summary.json (and, for a search, its health at the last
+    search epoch and what the derivation did, from metrics.jsonl)."""
+    row = {"method": method, "seed": seed, "acc": summary["acc_pruned"],
+           "flops": summary["flops_pruned"], "params": summary["params_pruned"],
+           "ratio": summary["flops_ratio"], "latency_ms": summary["latency_ms"]["pruned"],
+           "acc_teacher": summary["acc_full"], "flops_teacher": summary["flops_full"],
+           "params_teacher": summary["params_full"],
+           "latency_ms_teacher": summary["latency_ms"]["dense"], "run": str(run)}
+    records = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    search = [r for r in records if r.get("phase") == "search"]
+    derive = [r for r in records if r.get("phase") == "derive"]
+    row["search_seconds"] = sum(r.get("seconds", 0.0) for r in search)
+    row["train_seconds"] = sum(r.get("seconds", 0.0) for r in records
+                               if r.get("phase") == "train")
+    row["blocks"] = summary["shape"]["blocks"]
+    if search:
+        last = search[-1]
+        row["health"] = {k: last.get(k) for k in (
+            "subnet_acc", "teacher_acc", "width_entropy", "depth_entropy", "expected_ratio",
+            "flops_ratio")}
+        row["health"]["width_entropy_start"] = search[0].get("width_entropy")
+    if derive:
+        row["adjusted"] = derive[-1].get("adjusted", False)
+    return row
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -181,10 +207,55 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def verdict(rows: list[dict[str, Any]]) -> str | None:
+    """Does TAS beat the best baseline (same training epochs) by more than the larger
+    seed standard deviation of the two? One line, or None without both."""
+    def accs(method: str) -> list[float]:
+        return [100 * r["acc"] for r in rows if r["method"] == method]
+
+    tas = accs("tas")
+    baselines = {m: accs(m) for m in BASELINES if accs(m)}
+    if len(tas) < 2 or not baselines:
+        return None
+    best = max(baselines, key=lambda m: statistics.fmean(baselines[m]))
+    other = baselines[best]
+    margin = statistics.fmean(tas) - statistics.fmean(other)
+    spread = max(statistics.stdev(tas), statistics.stdev(other) if len(other) > 1 else 0.0)
+    word = "beats" if margin > spread else "does not beat"
+    return (f"TAS {word} the best baseline ({best}) by more than the larger seed std: "
+            f"margin {margin:+.2f} pts, larger std {spread:.2f} pts.")
+
+
+def health_table(rows: list[dict[str, Any]]) -> str:
+    """Per TAS run: the search's health at its last epoch and the derived shape."""
+    lines = ["| run | argmax subnet acc / teacher (held-out half) | width entropy (start -> "
+             "end) | depth entropy | expected FLOPs ratio | argmax FLOPs ratio | adjusted "
+             "into the band | blocks |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for r in rows:
+        h = r.get("health")
+        if r["method"] != "tas" or not h or h.get("subnet_acc") is None:
+            continue
+        teacher = h.get("teacher_acc")
+        rel = f" ({h['subnet_acc'] / teacher:.2f}x)" if teacher else ""
+        lines.append(
+            f"| tas-seed{r['seed']} | {100 * h['subnet_acc']:.1f}% / "
+            f"{100 * teacher:.1f}%{rel} | {h['width_entropy_start']:.2f} -> "
+            f"{h['width_entropy']:.2f} | {h['depth_entropy']:.2f} | {h['expected_ratio']:.3f} | "
+            f"{h['flops_ratio']:.3f} | {'yes' if r.get('adjusted') else 'no'} | "
+            f"{r['blocks']} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _write_results(root: Path, rows: list[dict[str, Any]], args: argparse.Namespace,
                    argv: list[str]) -> str:
     atomic_write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     table = markdown_table(rows)
+    line = verdict(rows)
+    if line:
+        table += "\n\n" + line
+    health = health_table(rows)
+    if health:
+        table += "\n\nSearch health at the last search epoch:\n\n" + health
     over = [f"{r['method']}-seed{r['seed']} ({r['ratio']:.3f})" for r in rows
             if r["ratio"] > args.flops_ratio + 1e-9]
     if over:
@@ -193,7 +264,8 @@ def _write_results(root: Path, rows: list[dict[str, Any]], args: argparse.Namesp
     header = [
         f"# {args.model} on {args.data} at {args.flops_ratio} of the FLOPs", "",
         f"Seeds {args.seeds}; epochs: teacher {args.teacher_epochs}, search "
-        f"{args.search_epochs} (TAS only), train {args.train_epochs} (every method). "
+        f"{args.search_epochs} (TAS only), train {args.train_epochs} (every method; the -eq "
+        f"baselines {args.train_epochs + args.search_epochs}). "
         "Accuracy: mean ± sample std over seeds; latency: median over seeds of each run's "
         "median (CPU, measured at the end of the run), on a machine with "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
@@ -220,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             run = root / f"{method}-seed{seed}"
             seeds = [f"search.seed={seed}", f"train.seed={seed}"]
-            config = load_prune_config(args.config, (*base, *METHODS[method], *seeds))
+            longer = ([f"train.epochs={args.train_epochs + args.search_epochs}"]
+                      if method.endswith("-eq") else [])
+            config = load_prune_config(args.config, (*base, *METHODS[method], *seeds, *longer))
             if method == "tas-nokd" and reuse_search(root, seed, run):
                 _log(f"{run.name}: starting from the search of tas-seed{seed}")
             _log(f"{run.name}: {'resuming' if run.exists() else 'starting'}")

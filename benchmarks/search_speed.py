@@ -1,8 +1,11 @@
 """Search step vs plain training step throughput, measured in one process.
 
-For every model: `search_img_per_s` counts both batches of a search step (the
-weight step on a train batch and the architecture step on a valid batch, as
-`tasprune.search.searcher.search_step` runs them), `plain_img_per_s` is plain
+For every model: `search_img_per_s` counts both batches of a search step of the
+default procedure (the weight step on a train batch, distilling from the unpruned
+teacher's forward on it, and the architecture step on a valid batch, as
+`tasprune.search.searcher.search_step` runs them); `paper_img_per_s` the same for
+the paper's procedure (Gumbel top-2 with channel-wise interpolation in both steps, no
+teacher); `plain_img_per_s` is plain
 SGD training (forward, cross-entropy, backward, step) of the unpruned ResNet at
 the same batch size, as tasprune's trainer runs it on CPU (NCHW).
 `plain_cl_img_per_s` is the same plain training in channels-last memory format
@@ -67,36 +70,45 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
         loss.backward()
         cl_opt.step()
 
-    config = SearchConfig(flops_ratio=0.5, batch_size=batch, lr=0.01, seed=seed)
-    net = SuperNet(SearchSpace.from_shape(full), torch.Generator().manual_seed(seed)).train()
-    w_opt = torch.optim.SGD(net.weight_parameters(), lr=config.lr, momentum=config.momentum,
-                            nesterov=True, weight_decay=config.weight_decay)
-    a_opt = torch.optim.Adam(net.arch_parameters(), lr=config.arch_lr, betas=config.arch_betas,
-                             weight_decay=config.arch_weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    teacher = build_model(full).eval().to(memory_format=torch.channels_last)
     full_flops = count_flops(full)
 
-    def search_step_() -> None:
-        search_step(net, (x, y), (xv, yv), w_opt, a_opt, config, tau, gen, full_flops)
+    def searcher(config: SearchConfig, kd: bool) -> Callable[[], None]:
+        net = SuperNet(SearchSpace.from_shape(full), torch.Generator().manual_seed(seed)).train()
+        w_opt = torch.optim.SGD(net.weight_parameters(), lr=config.lr,
+                                momentum=config.momentum, nesterov=True,
+                                weight_decay=config.weight_decay)
+        a_opt = torch.optim.Adam(net.arch_parameters(), lr=config.arch_lr,
+                                 betas=config.arch_betas, weight_decay=config.arch_weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        return lambda: search_step(net, (x, y), (xv, yv), w_opt, a_opt, config, tau, gen,
+                                   full_flops, teacher=teacher if kd else None)
 
-    for fn in (plain_step, plain_cl_step, search_step_):  # warm-up (allocator, oneDNN caches)
+    default = searcher(SearchConfig(flops_ratio=0.5, batch_size=batch, seed=seed), kd=True)
+    paper = searcher(SearchConfig(flops_ratio=0.5, batch_size=batch, lr=0.1, arch_lr=1e-3,
+                                  seed=seed, relaxation="gumbel", kd_alpha=0.0), kd=False)
+    steps_of = {"plain": plain_step, "plain_cl": plain_cl_step, "search": default,
+                "paper": paper}
+    for fn in steps_of.values():  # warm-up (allocator, oneDNN caches)
         fn()
-    plain_s, cl_s, search_s = [], [], []
+    seconds: dict[str, list[float]] = {k: [] for k in steps_of}
     for _ in range(rounds):
-        plain_s.append(_time(plain_step, steps))
-        search_s.append(_time(search_step_, steps))
-        cl_s.append(_time(plain_cl_step, steps))
-    plain_ips = batch * steps / statistics.median(plain_s)
-    cl_ips = batch * steps / statistics.median(cl_s)
-    search_ips = 2 * batch * steps / statistics.median(search_s)
+        for name, fn in steps_of.items():
+            seconds[name].append(_time(fn, steps))
+    ips = {k: batch * steps / statistics.median(v) for k, v in seconds.items()}
+    ips["search"] *= 2  # both batches of a search step
+    ips["paper"] *= 2
     return {
         "model": model, "batch": batch, "threads": torch.get_num_threads(), "tau": tau,
         "steps": steps, "rounds": rounds,
-        "search_img_per_s": round(search_ips, 1), "plain_img_per_s": round(plain_ips, 1),
-        "ratio": round(search_ips / plain_ips, 3),
-        "round_ratios": [round(2 * p / s, 3) for p, s in zip(plain_s, search_s, strict=True)],
-        "plain_cl_img_per_s": round(cl_ips, 1), "ratio_vs_channels_last": round(
-            search_ips / cl_ips, 3),
+        "search_img_per_s": round(ips["search"], 1), "plain_img_per_s": round(ips["plain"], 1),
+        "ratio": round(ips["search"] / ips["plain"], 3),
+        "round_ratios": [round(2 * p / s, 3) for p, s in zip(seconds["plain"],
+                                                             seconds["search"], strict=True)],
+        "paper_img_per_s": round(ips["paper"], 1),
+        "ratio_paper": round(ips["paper"] / ips["plain"], 3),
+        "plain_cl_img_per_s": round(ips["plain_cl"], 1), "ratio_vs_channels_last": round(
+            ips["search"] / ips["plain_cl"], 3),
     }
 
 

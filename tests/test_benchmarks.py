@@ -70,3 +70,24 @@ def test_accuracy_table_and_search_reuse(tmp_path):
     assert [r["phase"] for r in read_jsonl(run / "metrics.jsonl")] == ["search", "derive"]
     assert (run / "shape.json").is_file()
     assert not accuracy.reuse_search(tmp_path, 3, run)  # never over an existing run
+
+
+def test_accuracy_verdict_and_health_table():
+    accuracy = _script("accuracy")
+    rows = [_row("tas", s, a) for s, a in ((0, 0.80), (1, 0.82), (2, 0.81))]
+    rows += [_row("uniform", s, a) for s, a in ((0, 0.78), (1, 0.79), (2, 0.78))]
+    rows += [_row("l1", s, a) for s, a in ((0, 0.70), (1, 0.71))]
+    line = accuracy.verdict(rows)
+    assert line.startswith("TAS beats the best baseline (uniform)")
+    assert "+2.67 pts, larger std 1.00" in line
+    close = rows[:3] + [_row("uniform", s, a) for s, a in ((0, 0.80), (1, 0.815), (2, 0.80))]
+    assert accuracy.verdict(close).startswith("TAS does not beat")
+    assert accuracy.verdict(rows[3:]) is None  # no TAS rows
+    rows[0]["health"] = {"subnet_acc": 0.75, "teacher_acc": 0.8, "width_entropy": 0.9,
+                         "width_entropy_start": 2.08, "depth_entropy": 0.2,
+                         "expected_ratio": 0.49, "flops_ratio": 0.55}
+    rows[0].update(adjusted=True, blocks=[3, 2, 2])
+    table = accuracy.health_table(rows).splitlines()
+    assert len(table) == 3
+    assert table[2] == ("| tas-seed0 | 75.0% / 80.0% (0.94x) | 2.08 -> 0.90 | 0.20 | 0.490 | "
+                        "0.550 | yes | [3, 2, 2] |")

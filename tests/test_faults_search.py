@@ -274,14 +274,14 @@ def _cli_args(data: str, out: Path, *extra: str) -> list[str]:
 
 def test_cli_non_finite_loss_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys,
                                                     demo_subset):
-    _nan_on_forward(monkeypatch, 6)  # the arch forward of step 3
+    _nan_on_forward(monkeypatch, 6)  # in the weight-only warm-up: the forward of step 6
     assert main(_cli_args(demo_subset, tmp_path, "--checkpoint-every", "1")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["tasprune search: error: search: the loss became nan at epoch 1 step 3; "
+    assert err == ["tasprune search: error: search: the loss became nan at epoch 1 step 6; "
                    "stopped without writing a checkpoint, so the last good one is kept. Lower "
                    "the learning rate (or check the data for bad values) and resume"]
     state = load_checkpoint(tmp_path / "search.pt")
-    assert (state["epoch"], state["step"]) == (0, 2) and first_non_finite(state) is None
+    assert (state["epoch"], state["step"]) == (0, 5) and first_non_finite(state) is None
 
 
 def test_cli_both_checkpoints_damaged_is_one_line(tmp_path, capsys, demo_subset):

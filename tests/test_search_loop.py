@@ -100,13 +100,19 @@ def test_search_writes_its_run_directory(tmp_path):
     records = read_jsonl(tmp_path / "metrics.jsonl")
     search_lines = [r for r in records if r["phase"] == "search"]
     assert [r["epoch"] for r in search_lines] == [1, 2, 3]
-    assert search_lines[0]["tau"] == pytest.approx(5.0)
+    # tau is annealed per step after the weight-only warm-up; the record has the last one
+    assert 0.1 < search_lines[0]["tau"] < 5.0
     assert search_lines[-1]["tau"] == pytest.approx(0.1)
-    assert search_lines[0]["lr"] == pytest.approx(0.1)
+    assert search_lines[0]["lr"] == pytest.approx(0.03)
     assert search_lines[-1]["lr"] < search_lines[0]["lr"]
+    steps = 48 // 16  # per epoch: halves of 48 images, batch 16
+    warmup = int(0.2 * 3 * steps)
+    assert [r["arch_steps"] for r in search_lines] == [steps - warmup, steps, steps]
+    assert search_lines[0]["arch_lr"] == pytest.approx(0.05 * 150 / (3 * steps - warmup))
     for key in ("train_loss", "valid_acc", "expected_flops", "argmax_flops", "width_entropy",
-                "depth_entropy", "images_per_s", "flop_loss"):
+                "depth_entropy", "images_per_s", "flop_loss", "subnet_acc"):
         assert all(math.isfinite(r[key]) for r in search_lines), key
+    assert all(0 <= r["subnet_acc"] <= 1 and "teacher_acc" not in r for r in search_lines)
     assert search_lines[-1]["argmax_flops"] == result.flops
     derive = records[-1]
     assert derive["phase"] == "derive" and derive["in_band"] == result.in_band
@@ -117,19 +123,21 @@ def test_search_writes_its_run_directory(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("relaxation, seed", [("expected", 0), ("expected", 1), ("gumbel", 0)])
 @pytest.mark.parametrize("ratio", [0.5, 0.3])
-def test_search_with_a_high_flop_weight_lands_in_the_band(tmp_path, ratio):
-    # The FLOP loss is bang-bang on the argmax shape. With a FLOP weight that dwarfs the
-    # cross-entropy and no Adam momentum, the zero-loss band is absorbing (nothing moves the
-    # logits once the argmax is inside); a small lr flips a few slots per step, so the argmax
-    # can step into the band instead of over it.
-    cfg = _config(epochs=10, batch_size=8, flop_weight=1000.0, arch_lr=1e-3,
-                  arch_betas=(0.0, 0.999), flops_ratio=ratio, seed=5)
-    result = search(_full("resnet14"), _data(seed=5), cfg, tmp_path, quiet=True)
-    assert result.in_band, result.flops / result.full_flops
+def test_the_search_ends_in_the_band_with_the_expected_flops_near_it(tmp_path, relaxation,
+                                                                     seed, ratio):
+    # The derived shape is in the band by construction (argmax, or moved into the band);
+    # the expected FLOPs get there by the FLOP loss (measured over 4 seeds at the end of
+    # this search: 0.246-0.298 for the 0.3 target and 0.473-0.493 for 0.5).
+    cfg = _config(epochs=6, batch_size=8, flops_ratio=ratio, seed=seed, relaxation=relaxation)
+    result = search(_full("resnet14"), _data(seed=seed), cfg, tmp_path, quiet=True)
+    assert result.in_band and result.flops <= ratio * result.full_flops
     lines = read_jsonl(tmp_path / "metrics.jsonl")
     assert lines[-1]["in_band"] is True
-    assert lines[0]["steps_in_band"] < lines[-2]["steps_in_band"]  # it settled in the band
+    assert lines[-1]["adjusted"] == (lines[-1]["argmax_flops"] != result.flops)
+    assert ratio - 0.1 <= lines[-2]["expected_ratio"] <= ratio + 0.02
+    assert lines[-2]["width_entropy"] < 0.5 * lines[-2]["width_entropy_max"]
 
 
 def _strip(records):

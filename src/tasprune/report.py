@@ -115,10 +115,15 @@ def plot_flops(search: list[dict[str, Any]], derive: dict[str, Any] | None, path
 def plot_accuracy(search: list[dict[str, Any]], train: list[dict[str, Any]],
                   teacher_acc: float | None, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for key, label in (("train_acc", "train half"), ("valid_acc", "valid half")):
+    for key, label in (("train_acc", "sampled shapes, train half"),
+                       ("valid_acc", "architecture step, valid half"),
+                       ("subnet_acc", "argmax shape, held-out (recalibrated)"),
+                       ("teacher_acc", "teacher, same held-out images")):
         xs, ys = _series(search, key)
-        axes[0].plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=label)
-    axes[0].set_title("Search (supernet, sampled shapes)")
+        if xs:
+            axes[0].plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=label,
+                         ls=":" if key == "teacher_acc" else "-")
+    axes[0].set_title("Search (supernet)")
     axes[0].set_xlabel("search epoch")
     for key, label in (("acc", "train (augmented)"), ("test_acc", "test")):
         xs, ys = _series(train, key)
@@ -192,6 +197,54 @@ def _summary_table(summary: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _derive_lines(derive: dict[str, Any]) -> list[str]:
+    band = f"[{derive['target_ratio'] - derive.get('tolerance', 0.05):.3f}, " \
+           f"{derive['target_ratio']}]"
+    if derive.get("adjusted"):
+        out = [f"The argmax shape ({derive['argmax_ratio']:.3f} of the full FLOPs) was outside "
+               f"the target band {band}; the derived shape is the in-band shape closest to the "
+               f"learned distributions, at {derive['flops_ratio']:.3f}."]
+    else:
+        where = "inside" if derive.get("in_band") else "outside"
+        out = [f"The argmax shape is {where} the target band {band}: "
+               f"{derive['flops_ratio']:.3f} of the full FLOPs."]
+    if derive.get("subnet_acc") is not None:
+        teacher = derive.get("teacher_acc")
+        out[0] += (f" Its accuracy cut from the supernet (BatchNorm recalibrated, held-out "
+                   f"half): {_pct(derive['subnet_acc'])}"
+                   + (f" (teacher {_pct(teacher)})." if teacher is not None else "."))
+    return out
+
+
+def convergence(search: list[dict[str, Any]]) -> str:
+    """One line: did the width and depth distributions converge (mean entropy at most half
+    of a uniform distribution's)?"""
+    last = search[-1]
+    parts, done = [], True
+    for kind in ("width", "depth"):
+        end, start = last.get(f"{kind}_entropy"), last.get(f"{kind}_entropy_max")
+        if end is None or not start:
+            continue
+        done = done and end <= start / 2
+        parts.append(f"mean {kind} entropy {end:.2f} nats of at most {start:.2f}")
+    if not parts:
+        return "No entropy was recorded."
+    verdict = "converged" if done else "did not converge"
+    return (f"The distributions {verdict} (at most half of the uniform entropy counts as "
+            f"converged): {'; '.join(parts)}.")
+
+
+def _health_table(search: list[dict[str, Any]]) -> list[str]:
+    rows = ["| epoch | tau | expected FLOPs | argmax FLOPs | width entropy | depth entropy | "
+            "argmax shape acc (teacher) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in search:
+        teacher = f" ({_pct(r['teacher_acc'])})" if r.get("teacher_acc") is not None else ""
+        rows.append(f"| {r['epoch']} | {r['tau']:.2f} | {r['expected_ratio']:.3f} | "
+                    f"{r['flops_ratio']:.3f} | {r['width_entropy']:.2f} | "
+                    f"{r['depth_entropy']:.2f} | {_pct(r.get('subnet_acc'))}{teacher} |")
+    return rows
+
+
 def write_report(run_dir: str | os.PathLike[str]) -> Path:
     """(Re)generate `report.md` and its PNG plots in `run_dir`; returns the report's path."""
     run = Path(run_dir)
@@ -242,10 +295,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
                   f"{derive['flops_ratio']:.3f} of the full FLOPs, target "
                   f"{derive['target_ratio']}.", ""]
     elif derive:
-        band = "inside" if derive.get("in_band") else "outside"
-        lines += [f"The search ended {band} the target band: argmax shape at "
-                  f"{derive['flops_ratio']:.3f} of the full FLOPs, target "
-                  f"{derive['target_ratio']} (tolerance {derive.get('tolerance', 0.05)}).", ""]
+        lines += [*_derive_lines(derive), ""]
+    if search:
+        lines += ["## Search health", "", convergence(search), "", *_health_table(search), ""]
     if train:
         last = train[-1]
         best = max((r.get("test_acc", -1) for r in train), default=None)

@@ -1,5 +1,5 @@
 """TAS search: the space of widths and depths, Gumbel sampling, the supernet, the FLOP
-loss and the alternating search loop (see DESIGN.md, "The algorithm, precisely")."""
+loss, the alternating search loop and the derivation of the shape (docs/search.md)."""
 
 from tasprune.search.cost import FlopLoss, expected_cost, flop_loss, supernet_flop_loss
 from tasprune.search.sampling import gumbel_softmax, gumbel_topk, tau_at

@@ -6,10 +6,12 @@ exact count, fed with `WidthDist(choices, softmax(a_l))` per conv slot and
 (no forward pass) and is differentiable. Computed in float64 so that one-hot
 logits reproduce the integer count exactly.
 
-FLOP loss (DESIGN.md): with F_cur the exact FLOPs of the current argmax shape,
+FLOP loss (the paper's): with F_cur the exact FLOPs of the current argmax shape,
 F_tgt = ratio * F_full and t = tolerance * F_full, the loss is log E[F] when
 F_cur > F_tgt (push the cost down), -log E[F] when F_cur < F_tgt - t (push it
-up), and 0 inside the band [F_tgt - t, F_tgt].
+up), and 0 inside the band [F_tgt - t, F_tgt]. The default search compares E[F]
+itself with the band instead of F_cur (`by="expected"`): the argmax jumps while
+the distributions are wide, and with it the sign of the loss.
 """
 
 from __future__ import annotations
@@ -54,12 +56,19 @@ class FlopLoss:
 
 
 def flop_loss(expected: torch.Tensor, current: int, full: int, ratio: float,
-              tolerance: float = 0.05) -> FlopLoss:
-    """The FLOP loss of DESIGN.md from E[F] (tensor) and the argmax shape's exact FLOPs."""
+              tolerance: float = 0.05, by: str = "argmax") -> FlopLoss:
+    """The FLOP loss from E[F] (tensor) and the argmax shape's exact FLOPs `current`.
+
+    `by` = "argmax" (the paper) takes the direction from `current`, which jumps with
+    the argmax and flips the loss's sign from step to step around the band;
+    "expected" takes it from E[F], which moves smoothly with the logits."""
     target, tol = ratio * full, tolerance * full
-    if current > target:
+    if by not in ("argmax", "expected"):
+        raise ValueError(f"flop loss direction by {by!r}: expected argmax or expected")
+    where = current if by == "argmax" else float(expected.detach())
+    if where > target:
         direction, loss = 1, torch.log(expected)
-    elif current < target - tol:
+    elif where < target - tol:
         direction, loss = -1, -torch.log(expected)
     else:
         direction, loss = 0, expected.new_zeros(())
@@ -68,9 +77,10 @@ def flop_loss(expected: torch.Tensor, current: int, full: int, ratio: float,
 
 
 def supernet_flop_loss(net: SuperNet, ratio: float, tolerance: float = 0.05,
-                       full_flops: int | None = None) -> FlopLoss:
-    """FLOP loss of a supernet: argmax shape's exact FLOPs vs the target, on E[F]."""
+                       full_flops: int | None = None, by: str = "argmax") -> FlopLoss:
+    """FLOP loss of a supernet on E[F], its direction from the argmax shape's exact FLOPs
+    or from E[F] (`by`, see `flop_loss`)."""
     full = count_flops(net.space.full) if full_flops is None else full_flops
     return flop_loss(supernet_expected_flops(net), count_flops(net.derive()), full, ratio,
-                     tolerance)
+                     tolerance, by)
 

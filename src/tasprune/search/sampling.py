@@ -34,11 +34,15 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
 
 
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean (over rows) entropy in nats of the distributions softmax(logits), differentiable."""
+    logp = masked_log_softmax(logits, mask)
+    return -(logp.exp() * logp.masked_fill(~mask, 0.0)).sum(dim=1).mean()
+
+
 def mean_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean (over rows) entropy in nats of the distributions softmax(logits)."""
-    logp = masked_log_softmax(logits.detach(), mask)
-    ent = -(logp.exp() * logp.masked_fill(~mask, 0.0)).sum(dim=1)
-    return float(ent.mean())
+    return float(entropy(logits.detach(), mask))
 
 
 def gumbel_noise(shape: tuple[int, ...], like: torch.Tensor,

@@ -1,10 +1,18 @@
 """The TAS search loop: alternate weight and architecture steps, log, checkpoint, derive.
 
-Every step (DESIGN.md, "Schedule"): one SGD step on the network weights with a
-batch of the "train" half (cross-entropy), then one Adam step on the
-architecture logits with a batch of the "valid" half (cross-entropy + lambda *
-FLOP loss). Both forwards draw fresh Gumbel samples. The two halves are a
-per-class split of the training set. tau is set per epoch.
+Every step: one SGD step on the network weights with a batch of the "train" half,
+then one Adam step on the architecture logits with a batch of the "valid" half
+(cross-entropy + lambda * FLOP loss). The two halves are a per-class split of the
+training set. What each step samples and optimises depends on the settings: the
+default (`relaxation="expected"`) trains one Gumbel-sampled sub-network per weight
+step, distilling from the teacher, and takes the architecture step on the
+noise-free expected network; the paper's procedure (`relaxation="gumbel"` and the
+settings of the paper recipes) mixes Gumbel top-2 samples by channel-wise
+interpolation in both steps. docs/search.md explains both and why the default
+differs. The first `weight_warmup` of the steps train the weights only; tau
+anneals per step after them (or per epoch, `tau_per="epoch"`). The derived shape
+is the argmax of every distribution, moved into the FLOP band when it lies
+outside (`tasprune.search.derive`).
 
 Reproducibility: the split comes from the seed; batch order, augmentation and
 Gumbel noise of epoch e come from generators seeded by (seed, e), so an epoch
@@ -71,6 +79,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from tasprune._io import append_jsonl, drop_records, read_jsonl
@@ -85,11 +94,14 @@ from tasprune.dist import (
 )
 from tasprune.faults import Interrupted, NonFiniteLoss, StopRequest
 from tasprune.flops import count_flops, count_params
+from tasprune.models import ResNet, build_model
 from tasprune.progress import progress
 from tasprune.search.cost import FlopLoss, supernet_expected_flops, supernet_flop_loss
-from tasprune.search.sampling import SCHEDULES, mean_entropy, tau_at
+from tasprune.search.derive import derive_in_band
+from tasprune.search.health import Health, accuracy
+from tasprune.search.sampling import SCHEDULES, entropy, mean_entropy, tau_at
 from tasprune.search.space import DEFAULT_RATIOS, SearchSpace
-from tasprune.search.supernet import SuperNet
+from tasprune.search.supernet import Arch, SuperNet
 from tasprune.shape import Shape
 from tasprune.train.checkpoint import (
     CheckpointError,
@@ -99,36 +111,53 @@ from tasprune.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from tasprune.train.distill import DistillConfig, distill_loss, teacher_logits
+from tasprune.train.inherit import reorder_channels, taylor_importance
 from tasprune.train.optim import WarmupCosine, make_sgd
 from tasprune.train.trainer import check_fits_data, resolve_device
 
 CHECKPOINT = "search.pt"
 METRICS = "metrics.jsonl"
 SHAPE = "shape.json"
-_FORMAT = "tasprune.search"
+_FORMAT = "tasprune.search/2"  # /2: the in-place KD search (1 had no suffix)
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Hyper-parameters of the search (defaults: DESIGN.md "Schedule", the TAS code).
+    """Hyper-parameters of the search (defaults: docs/search.md; the TAS code's values
+    where the paper's procedure is kept).
 
     flops_ratio: target FLOPs as a fraction of the unpruned network's;
     tolerance: width of the zero-loss band below the target, as a fraction of
     the unpruned FLOPs; flop_weight: lambda of the arch loss; topk: width
-    candidates per slot and forward (1 = hard sample); width_ratios and
+    candidates per slot and forward of the paper's relaxation (1 = hard sample); width_ratios and
     channel_multiple: the width choices (see search.space); split_fraction:
     share of every class in the "train" half; checkpoint_every: also write
     search.pt after every N-th step (0: at epoch ends only; may change on resume).
+
+    What the default adds to the paper's procedure (each can be turned off; the
+    paper recipes do): kd_alpha/kd_temperature: the weight step distils from the
+    teacher (in-place KD; 0 = the paper's cross-entropy); reorder: sort the
+    teacher's channels by importance before the search, so the first c channels of
+    every tensor are its best c; weight_warmup: the fraction of the steps that train
+    the weights only, before the first architecture step; tau_per: "step" anneals
+    tau over the architecture steps, "epoch" sets it per epoch (the paper);
+    flop_loss: "expected" takes the FLOP loss's direction from the expected FLOPs,
+    "argmax" from the argmax shape's (the paper); arch_lr_steps: > 0 scales arch_lr
+    by sqrt(arch_lr_steps / architecture steps of this search), so a short search
+    moves the logits as far as a long one (0 = arch_lr as given).
+    health_images: held-out images on which every epoch measures the argmax shape's
+    accuracy (0 = off).
     """
 
     flops_ratio: float = 0.5
     epochs: int = 600
     batch_size: int = 256
-    lr: float = 0.1
+    lr: float = 0.03
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    arch_lr: float = 1e-3
+    arch_lr: float = 0.05
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     tau_max: float = 5.0
@@ -143,6 +172,16 @@ class SearchConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 0
+    kd_alpha: float = 0.9
+    kd_temperature: float = 4.0
+    reorder: bool = True
+    weight_warmup: float = 0.2
+    tau_per: str = "step"
+    flop_loss: str = "expected"
+    arch_lr_steps: int = 150
+    relaxation: str = "expected"
+    entropy_weight: float = 0.3
+    health_images: int = 2000
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
@@ -155,9 +194,12 @@ class SearchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "must be an integer >= 1")
-        every = self.checkpoint_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            fail("checkpoint_every", "a number of steps >= 0 (0: checkpoint at epoch ends only)")
+        for name, rule in (("checkpoint_every", "(0: checkpoint at epoch ends only)"),
+                           ("arch_lr_steps", "(0: use arch_lr as given)"),
+                           ("health_images", "(0: no accuracy check per epoch)")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(name, f"an integer >= 0 {rule}")
         for name in ("lr", "arch_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 fail(name, "a learning rate must be a positive number")
@@ -175,6 +217,21 @@ class SearchConfig:
             fail("width_ratios", "give width ratios in (0, 1], e.g. [0.3, 0.4, ..., 1.0]")
         if not 0 < self.split_fraction < 1:
             fail("split_fraction", "the train half's share of every class, in (0, 1)")
+        if not 0 <= self.kd_alpha <= 1:
+            fail("kd_alpha", "the weight of distillation in the weight step, in [0, 1] "
+                 "(0: cross-entropy only, as the paper)")
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+            fail("kd_temperature", "a temperature > 0, e.g. 4")
+        if not 0 <= self.weight_warmup < 1:
+            fail("weight_warmup", "a fraction of the steps in [0, 1) (0: no warm-up)")
+        if self.tau_per not in ("step", "epoch"):
+            fail("tau_per", "expected step or epoch")
+        if self.flop_loss not in ("expected", "argmax"):
+            fail("flop_loss", "expected 'expected' or 'argmax'")
+        if self.relaxation not in ("expected", "gumbel"):
+            fail("relaxation", "expected 'expected' or 'gumbel' (the paper's)")
+        if not (math.isfinite(self.entropy_weight) and self.entropy_weight >= 0):
+            fail("entropy_weight", "must be a number >= 0 (0: no entropy term)")
         if self.nesterov and self.momentum == 0:
             fail("momentum", "Nesterov momentum needs momentum > 0 (or set nesterov false)")
         object.__setattr__(self, "width_ratios", tuple(float(r) for r in self.width_ratios))
@@ -193,6 +250,8 @@ class SearchResult:
     tolerance_flops: float
     epochs: int
     out_dir: Path
+    adjusted: bool = False  # the argmax shape was outside the band and was moved into it
+    argmax_flops: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
@@ -268,23 +327,61 @@ def _loss_value(loss: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class StepOut:
-    """What one search step reports: the FLOP loss, [train loss sum, train correct,
-    valid loss sum, valid correct, FLOP loss, 1] as a float64 tensor, and whether a
-    stop request was agreed (by every rank) during the step."""
+    """What one search step reports: the FLOP loss (None for a weight-only step),
+    [train loss sum, train correct, train images, valid loss sum, valid correct, valid
+    images, FLOP loss, architecture steps] as a float64 tensor, and whether a stop
+    request was agreed (by every rank) during the step."""
 
-    flop: FlopLoss
+    flop: FlopLoss | None
     stats: torch.Tensor
     stop: bool = False
+
+
+STATS = 8  # entries of StepOut.stats
+
+
+def weight_loss(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+                teacher: nn.Module | None, config: SearchConfig) -> torch.Tensor:
+    """The weight step's loss: KD from the teacher's logits on the same images (in-place
+    distillation, `config.kd_alpha` > 0 and a teacher given), else cross-entropy."""
+    if teacher is None or config.kd_alpha == 0:
+        return F.cross_entropy(logits, labels)
+    soft = teacher_logits(teacher, images)
+    return distill_loss(logits, labels, soft,
+                        DistillConfig(config.kd_alpha, config.kd_temperature)).total
+
+
+def weight_arch(net: SuperNet, config: SearchConfig, tau: float,
+                generator: torch.Generator | None) -> Arch:
+    """The architecture of a weight step: a Gumbel sample; with the "expected" relaxation
+    one width per slot (a real sub-network's widths, channels kept in place), with
+    "gumbel" (the paper) `topk` candidates mixed by channel-wise interpolation."""
+    if config.relaxation == "expected":
+        return net.sample(tau, 1, generator, pad=True)
+    return net.sample(tau, config.topk, generator)
+
+
+def arch_arch(net: SuperNet, config: SearchConfig, tau: float,
+              generator: torch.Generator | None) -> Arch:
+    """The architecture of an architecture step: with the "expected" relaxation every
+    choice weighted by its probability, no noise (`SuperNet.expected`); with "gumbel"
+    (the paper) a Gumbel sample as in the weight step."""
+    if config.relaxation == "expected":
+        return net.expected()
+    return net.sample(tau, config.topk, generator)
 
 
 def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
                 valid: tuple[torch.Tensor, torch.Tensor], w_opt: torch.optim.Optimizer,
                 a_opt: torch.optim.Optimizer, config: SearchConfig, tau: float,
                 generator: torch.Generator | None, full_flops: int, *,
+                teacher: nn.Module | None = None, arch_step: bool = True,
+                entropy_weight: float = 0.0,
                 dist: Dist | None = None, stop: bool = False, at: tuple[int, int] = (0, 0)
                 ) -> StepOut:
-    """(1) SGD on the weights with a train batch (CE), then (2) Adam on the logits with a
-    valid batch (CE + lambda * FLOP loss); fresh Gumbel samples for each forward.
+    """(1) SGD on the weights with a train batch (`weight_loss`), then, when `arch_step`,
+    (2) Adam on the logits with a valid batch (CE + lambda * FLOP loss); fresh Gumbel
+    samples for each forward.
 
     Each step computes only the gradients it applies: the logits are frozen in (1),
     the weights in (2) (autograd then skips the weight gradients of every conv).
@@ -296,31 +393,40 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
     (xt, yt), (xv, yv) = train, valid
     weights, arch = net.weight_parameters(), net.arch_parameters()
     with _grad_only(weights, arch):
-        out_t = net(xt, net.sample(tau, config.topk, generator))
-        loss_t = F.cross_entropy(out_t, yt)
+        out_t = net(xt, weight_arch(net, config, tau, generator))
+        loss_t = weight_loss(out_t, yt, xt, teacher, config)
         w_opt.zero_grad(set_to_none=True)
         loss_t.backward()
         bad, stop = _average_and_agree(dist, weights, loss_t, stop)
         if bad:
             raise NonFiniteLoss("search", *at, _loss_value(loss_t))
         w_opt.step()
-    with _grad_only(arch, weights):
-        out_v = net(xv, net.sample(tau, config.topk, generator))
-        loss_v = F.cross_entropy(out_v, yv)
-        fl = supernet_flop_loss(net, config.flops_ratio, config.tolerance, full_flops)
-        loss_a = loss_v + config.flop_weight * fl.loss
-        a_opt.zero_grad(set_to_none=True)
-        loss_a.backward()
-        bad, _ = _average_and_agree(dist, arch, loss_a)
-        if bad:
-            raise NonFiniteLoss("search", *at, _loss_value(loss_a))
-        a_opt.step()
+    fl = None
+    zero = loss_t.new_zeros((), dtype=torch.float64)
+    valid_stats = [zero] * 5
+    if arch_step:
+        with _grad_only(arch, weights):
+            out_v = net(xv, arch_arch(net, config, tau, generator))
+            loss_v = F.cross_entropy(out_v, yv)
+            fl = supernet_flop_loss(net, config.flops_ratio, config.tolerance, full_flops,
+                                    config.flop_loss)
+            loss_a = loss_v + config.flop_weight * fl.loss
+            if entropy_weight > 0:
+                loss_a = loss_a + entropy_weight * (
+                    entropy(net.width_logits, net.width_mask)
+                    + entropy(net.depth_logits, net.depth_mask))
+            a_opt.zero_grad(set_to_none=True)
+            loss_a.backward()
+            bad, _ = _average_and_agree(dist, arch, loss_a)
+            if bad:
+                raise NonFiniteLoss("search", *at, _loss_value(loss_a))
+            a_opt.step()
+        with torch.no_grad():
+            valid_stats = [loss_v.double() * len(yv), (out_v.argmax(1) == yv).sum().double(),
+                           zero + len(yv), fl.loss.double().to(zero.device), zero + 1]
     with torch.no_grad():
-        stats = torch.stack([
-            loss_t.double() * len(yt), (out_t.argmax(1) == yt).sum().double(),
-            loss_v.double() * len(yv), (out_v.argmax(1) == yv).sum().double(),
-            fl.loss.double().to(loss_t.device), loss_t.new_ones((), dtype=torch.float64),
-        ])
+        stats = torch.stack([loss_t.double() * len(yt), (out_t.argmax(1) == yt).sum().double(),
+                             zero + len(yt), *valid_stats])
     return StepOut(flop=fl, stats=stats, stop=stop)
 
 
@@ -334,7 +440,6 @@ class _EpochRun:
     train_aug: torch.Generator
     valid_aug: torch.Generator
     sums: torch.Tensor  # float64, StepOut.stats summed
-    n_seen: int = 0
     moves: list[int] = field(default_factory=lambda: [0, 0, 0])  # below / in band / above
 
     @classmethod
@@ -343,18 +448,17 @@ class _EpochRun:
         return cls(step=0, lr=lr, gumbel=_generator(config.seed, epoch, 0, device),
                    train_aug=_generator(config.seed, epoch, 1, rank=dist.rank),
                    valid_aug=_generator(config.seed, epoch, 2, rank=dist.rank),
-                   sums=torch.zeros(6, dtype=torch.float64, device=device))
+                   sums=torch.zeros(STATS, dtype=torch.float64, device=device))
 
-    def add(self, out: StepOut, images: int) -> None:
-        self.moves[out.flop.direction + 1] += 1
+    def add(self, out: StepOut) -> None:
+        if out.flop is not None:
+            self.moves[out.flop.direction + 1] += 1
         self.sums += out.stats
-        self.n_seen += images
         self.step += 1
 
     def totals(self, dist: Dist) -> list[float]:
-        """The sums and the image count over all ranks (a collective)."""
-        both = torch.cat([self.sums, self.sums.new_tensor([self.n_seen])])
-        return dist.all_reduce_sum_(both).tolist()
+        """The sums over all ranks (a collective)."""
+        return dist.all_reduce_sum_(self.sums.clone()).tolist()
 
     def state(self, dist: Dist) -> dict[str, Any]:
         """For the checkpoint (a collective: every rank's augmentation states are gathered)."""
@@ -391,7 +495,7 @@ class _EpochRun:
         run.valid_aug.set_state(saved["augment"][dist.rank, 1].clone())
         if dist.is_main:  # the other ranks start from 0: the epoch end sums over ranks
             totals = saved["totals"].to(device=device, dtype=torch.float64)
-            run.sums, run.n_seen = totals[:6].clone(), int(totals[6])
+            run.sums = totals.clone()
         run.step, run.moves = int(saved["step"]), [int(m) for m in saved["moves"]]
         return run
 
@@ -415,9 +519,32 @@ class SearchLoop:
     shape_full: Shape
     teacher: bool = False
     dist: Dist = field(default_factory=Dist)
+    teacher_net: nn.Module | None = None  # distilled from in the weight step
+    health: Health | None = None
     stop: StopRequest = field(default_factory=lambda: StopRequest(enabled=False))
     resume_at: _EpochRun | None = None  # a mid-epoch checkpoint's epoch, for search_epoch
     stopped: bool = False  # a stop was agreed at the last step of an epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        """Weight-only steps before the first architecture step."""
+        return warmup_steps(self.config, self.steps)
+
+    def entropy_weight(self, epoch: int, step: int) -> float:
+        """Weight of the mean entropy in the arch loss: 0 at the first architecture step,
+        rising linearly to `config.entropy_weight` at the last."""
+        done = epoch * self.steps + step - self.warmup_steps
+        total = self.config.epochs * self.steps - self.warmup_steps
+        return self.config.entropy_weight * min(max(done / max(total - 1, 1), 0.0), 1.0)
+
+    def tau(self, epoch: int, step: int) -> float:
+        """The temperature of step `step` of epoch `epoch` (both 0-based)."""
+        cfg = self.config
+        if cfg.tau_per == "epoch":
+            return tau_at(epoch, cfg.epochs, cfg.tau_max, cfg.tau_min, cfg.tau_schedule)
+        done = epoch * self.steps + step - self.warmup_steps
+        total = cfg.epochs * self.steps - self.warmup_steps
+        return tau_at(max(done, 0), total, cfg.tau_max, cfg.tau_min, cfg.tau_schedule)
 
     def save(self, epoch: int, run: _EpochRun | None = None) -> Path:
         """Write search.pt after `epoch` finished epochs (+ `run.step` steps of the next).
@@ -473,7 +600,6 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
     `search` stops after the epoch-end checkpoint)."""
     net, data, cfg, dist = loop.net, loop.data, loop.config, loop.dist
     device = net.width_logits.device
-    tau = tau_at(epoch, cfg.epochs, cfg.tau_max, cfg.tau_min, cfg.tau_schedule)
     run = loop.resume_at or _EpochRun.start(cfg, epoch, dist, device,
                                             loop.w_opt.param_groups[0]["lr"])
     loop.resume_at = None
@@ -484,22 +610,26 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
         _epoch_batches(data, loop.valid_idx, batch, _generator(cfg.seed, epoch, 4), dist,
                        run.step),
     )
-    first, images, start = run.step, 0, time.perf_counter()
+    first, start = run.step, time.perf_counter()
+    tau = loop.tau(epoch, first)
     net.train()
     bar = progress(batches, total=loop.steps - first, desc=f"search {epoch + 1}/{cfg.epochs}",
                    quiet=quiet)
     for step, ((xt, yt), (xv, yv)) in enumerate(bar, start=first):
         xt = data.transform(xt.to(device), train=True, generator=run.train_aug)
         xv = data.transform(xv.to(device), train=True, generator=run.valid_aug)
+        tau = loop.tau(epoch, step)
         out = search_step(net, (xt, yt.to(device)), (xv, yv.to(device)), loop.w_opt,
-                          loop.a_opt, cfg, tau, run.gumbel, loop.full_flops, dist=dist,
+                          loop.a_opt, cfg, tau, run.gumbel, loop.full_flops,
+                          teacher=loop.teacher_net,
+                          arch_step=epoch * loop.steps + step >= loop.warmup_steps,
+                          entropy_weight=loop.entropy_weight(epoch, step), dist=dist,
                           stop=loop.stop.requested, at=(epoch + 1, step + 1))
         loop.w_sched.step()
-        run.add(out, len(yt))
-        images += len(yt)
+        run.add(out)
         if not quiet and step % 20 == 0:
             bar.set_postfix(loss=f"{float(out.stats[0]) / len(yt):.3f}", tau=f"{tau:.2f}",
-                            flops=f"{out.flop.current / loop.full_flops:.3f}")
+                            flops=f"{count_flops(net.derive()) / loop.full_flops:.3f}")
         if step + 1 == loop.steps:
             loop.stopped = out.stop  # the epoch end writes the checkpoint
         elif out.stop:
@@ -509,25 +639,30 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
             loop.save(epoch, run)
     seconds = time.perf_counter() - start
     s = run.totals(dist)
-    n_seen = int(s[6])
+    n_train, n_valid = max(s[2], 1), max(s[5], 1)
     shape = net.derive()
     flops = count_flops(shape)
     expected = float(supernet_expected_flops(net).detach())
     record = {
         "phase": "search", "epoch": epoch + 1, "tau": tau, "lr": run.lr,
-        "train_loss": s[0] / max(n_seen, 1), "train_acc": s[1] / max(n_seen, 1),
-        "valid_loss": s[2] / max(n_seen, 1), "valid_acc": s[3] / max(n_seen, 1),
-        "flop_loss": s[4] / max(s[5], 1),
+        "arch_lr": loop.a_opt.param_groups[0]["lr"], "arch_steps": int(s[7]),
+        "train_loss": s[0] / n_train, "train_acc": s[1] / n_train,
+        "valid_loss": s[3] / n_valid, "valid_acc": s[4] / n_valid,
+        "flop_loss": s[6] / max(s[7], 1),
         "expected_flops": expected, "argmax_flops": flops,
         "expected_ratio": expected / loop.full_flops, "flops_ratio": flops / loop.full_flops,
         "target_ratio": cfg.flops_ratio, "steps_below_band": run.moves[0],
         "steps_in_band": run.moves[1], "steps_above_target": run.moves[2],
         "width_entropy": mean_entropy(net.width_logits, net.width_mask),
         "depth_entropy": mean_entropy(net.depth_logits, net.depth_mask),
+        "width_entropy_max": mean_entropy(net.width_logits * 0, net.width_mask),
+        "depth_entropy_max": mean_entropy(net.depth_logits * 0, net.depth_mask),
         "blocks": list(shape.blocks),
-        "images_per_s": 2 * images * dist.world_size / seconds if seconds > 0 else 0.0,
+        "images_per_s": (s[2] + s[5]) / seconds if seconds > 0 else 0.0,
         "seconds": seconds,
     }
+    if loop.health is not None and dist.is_main:
+        record.update(loop.health.measure(net, shape))
     if dist.enabled:
         record["rank_logit_max_diff"] = diff = _rank_logit_max_diff(dist, net)
         if diff != 0:
@@ -537,6 +672,44 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
                 "Gumbel draws, averaged gradients): check that every process runs the same "
                 "tasprune version and settings")
     return record
+
+
+def warmup_steps(config: SearchConfig, steps: int) -> int:
+    """Weight-only steps at the start of a search of `steps` steps per epoch."""
+    return int(config.weight_warmup * config.epochs * steps)
+
+
+def arch_lr(config: SearchConfig, steps: int) -> float:
+    """The architecture learning rate of a search of `steps` steps per epoch: arch_lr, times
+    arch_lr_steps / (its architecture steps) when arch_lr_steps > 0, so that the logits can
+    move as far in a short search as in a long one."""
+    arch_steps = max(config.epochs * steps - warmup_steps(config, steps), 1)
+    if config.arch_lr_steps == 0:
+        return config.arch_lr
+    return config.arch_lr * config.arch_lr_steps / arch_steps
+
+
+_CALIBRATION_IMAGES = 1024  # train-half images for BatchNorm recalibration and importance
+
+
+def _subset(indices: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """A fixed random subset of `n` of `indices` (all of them when fewer), sorted."""
+    pick = indices[torch.randperm(len(indices), generator=generator)[:n]]
+    return torch.sort(pick).values
+
+
+def _reordered(teacher: ResNet, data: DataBundle, images: torch.Tensor, batch_size: int,
+               dist: Dist) -> ResNet:
+    """The teacher with its channels sorted by Taylor importance on `images` (computed
+    on rank 0 and shared, so every rank starts from the same supernet)."""
+    device = next(teacher.parameters()).device
+    batches = ((data.transform(x.to(device)), y.to(device))
+               for x, y in data.train.batches(batch_size, indices=images))
+    importance = taylor_importance(teacher, batches)
+    if dist.enabled:
+        for scores in importance.values():
+            dist.broadcast_(scores)
+    return reorder_channels(teacher, importance)
 
 
 def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
@@ -580,17 +753,31 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
         if dist.enabled and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
         net = SuperNet(space, _generator(config.seed, 0, 6)).to(device)
+        calibrate = _subset(train_idx, _CALIBRATION_IMAGES, _generator(config.seed, 0, 7))
+        held_out = _subset(valid_idx, config.health_images, _generator(config.seed, 0, 8))
+        health = Health(data, calibrate, held_out, config.batch_size)
+        teacher_net = None
         if teacher_state is not None:
-            net.load_teacher(teacher_state)
+            net.load_teacher(teacher_state)  # checks that it fits
+            teacher_net = build_model(shape_full).to(device, memory_format=torch.channels_last)
+            teacher_net.load_state_dict(teacher_state)
+            teacher_net.eval()
+            if config.reorder and not resume:
+                net.load_teacher(_reordered(teacher_net, data, calibrate, config.batch_size,
+                                            dist).state_dict())
+            health.teacher_acc = accuracy(teacher_net, data, held_out, config.batch_size,
+                                          device)
         # weight decay on every weight (BN included), as the TAS code
         w_opt = make_sgd(net.weight_parameters(), config.lr, config.momentum, config.nesterov,
                          config.weight_decay)
-        a_opt = torch.optim.Adam(net.arch_parameters(), lr=config.arch_lr,
+        a_opt = torch.optim.Adam(net.arch_parameters(), lr=arch_lr(config, steps),
                                  betas=config.arch_betas, weight_decay=config.arch_weight_decay)
         w_sched = WarmupCosine(w_opt, total_steps=config.epochs * steps)
         loop = SearchLoop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
                           count_flops(shape_full), steps, out, shape_full,
-                          teacher=teacher_state is not None, dist=dist)
+                          teacher=teacher_state is not None, dist=dist,
+                          teacher_net=teacher_net if config.kd_alpha > 0 else None,
+                          health=health if config.health_images > 0 else None)
         start = _restore(ckpt_path, shape_full, config, loop) if resume else 0
         quiet = quiet or not dist.is_main
         if dist.is_main:
@@ -613,33 +800,42 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
                         file=sys.stderr)
                 if loop.stopped and epoch + 1 < config.epochs:
                     raise loop.interrupted(f"the end of epoch {epoch + 1}")
-        return _finish(net, shape_full, config, out, metrics_path, dist)
+        return _finish(loop, metrics_path)
     finally:
         if owns_group and torch_dist.is_initialized():
             leave_process_group()
 
 
-def _finish(net: SuperNet, shape_full: Shape, config: SearchConfig, out: Path,
-            metrics_path: Path, dist: Dist) -> SearchResult:
-    """Derive the argmax shape, write shape.json and the "derive" metrics line (rank 0)."""
-    shape = net.derive()
-    full = count_flops(shape_full)
+def _finish(loop: SearchLoop, metrics_path: Path) -> SearchResult:
+    """Derive the shape (the argmax, moved into the FLOP band when it is outside), write
+    shape.json and the "derive" metrics line (rank 0)."""
+    net, config, shape_full, dist = loop.net, loop.config, loop.shape_full, loop.dist
+    derived = derive_in_band(net.space, net.width_logits, net.depth_logits, net.width_mask,
+                             net.depth_mask, config.flops_ratio, config.tolerance)
+    shape = derived.shape
+    full = loop.full_flops
     result = SearchResult(
-        shape=shape, flops=count_flops(shape), params=count_params(shape), full_flops=full,
+        shape=shape, flops=derived.flops, params=count_params(shape), full_flops=full,
         target_flops=config.flops_ratio * full, tolerance_flops=config.tolerance * full,
-        epochs=config.epochs, out_dir=out,
+        epochs=config.epochs, out_dir=loop.out, adjusted=derived.adjusted,
+        argmax_flops=derived.argmax_flops,
         history=[r for r in read_jsonl(metrics_path) if r.get("phase") == "search"],
     )
     if dist.is_main:
-        shape.save(out / SHAPE)
-        append_jsonl(metrics_path, {
+        shape.save(loop.out / SHAPE)
+        record = {
             "phase": "derive", "epoch": config.epochs, "flops": result.flops,
             "params": result.params, "full_flops": full,
             "full_params": count_params(shape_full), "target_flops": result.target_flops,
             "flops_ratio": result.flops / full, "target_ratio": config.flops_ratio,
             "tolerance": config.tolerance, "in_band": result.in_band,
-            "blocks": list(shape.blocks),
-        })
+            "blocks": list(shape.blocks), "adjusted": derived.adjusted,
+            "argmax_flops": derived.argmax_flops,
+            "argmax_ratio": derived.argmax_flops / full,
+        }
+        if loop.health is not None:
+            record.update(loop.health.measure(net, shape))
+        append_jsonl(metrics_path, record)
     dist.barrier()
     return result
 
@@ -653,6 +849,9 @@ def _restore(path: Path, shape_full: Shape, config: SearchConfig, loop: SearchLo
     `loop`; return the number of finished epochs (and set `loop.resume_at` when the
     checkpoint was written mid-epoch)."""
     state, used = load_latest(path)
+    if state.get("format") == "tasprune.search":
+        raise ValueError(f"{used} was written by an earlier tasprune whose search differs; "
+                         "it cannot be resumed: start a new search (another output directory)")
     if state.get("format") != _FORMAT:
         raise CheckpointError(f"{used}: not a tasprune search checkpoint")
     saved_shape = Shape.from_dict(state["shape_full"])

@@ -31,6 +31,7 @@ exact in the limit of one-hot logits, where the network equals the pruned
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasprune.families import BlockSpec
-from tasprune.search.sampling import gumbel_softmax, gumbel_topk
+from tasprune.search.sampling import gumbel_softmax, gumbel_topk, masked_softmax
 from tasprune.search.space import SearchSpace
 from tasprune.shape import Shape
 
@@ -83,12 +84,16 @@ class Choice:
     """The candidates one distribution contributes to one forward pass.
 
     `values`: their widths (or block counts); `rows`: their choice indices;
-    `weights`: mixing weights [n], or None for a single candidate (weight 1).
+    `weights`: mixing weights [n], or None for a single candidate (weight 1);
+    `pad`: candidates are brought to the widest by zero-padding their channels
+    instead of channel-wise interpolation (see `resize_matrix`).
     """
 
     values: tuple[int, ...]
     rows: tuple[int, ...]
     weights: torch.Tensor | None = None
+    pad: bool = False
+    gate: bool = False  # depths: the nested relaxation (`_gated_stage_forward`)
 
     @property
     def max(self) -> int:
@@ -111,8 +116,8 @@ class Arch:
         return cls(widths, depths)
 
 
-def _choices(values: tuple[tuple[int, ...], ...], index: torch.Tensor, weight: torch.Tensor
-             ) -> tuple[Choice, ...]:
+def _choices(values: tuple[tuple[int, ...], ...], index: torch.Tensor, weight: torch.Tensor,
+             pad: bool = False) -> tuple[Choice, ...]:
     """Per-row Choices of sampled (index, weight), dropping candidates of weight exactly 0."""
     idx, keep = index.tolist(), (weight > 0).tolist()  # the one host sync of a sample
     out = []
@@ -124,7 +129,7 @@ def _choices(values: tuple[tuple[int, ...], ...], index: torch.Tensor, weight: t
             out.append(Choice(vals, rows))
         else:
             w = weight[r] if len(pos) == len(row_keep) else weight[r, pos]
-            out.append(Choice(vals, rows, w))
+            out.append(Choice(vals, rows, w, pad))
     return tuple(out)
 
 
@@ -217,7 +222,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 _INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-_RESIZE_CACHE: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+_RESIZE_CACHE: dict[tuple[tuple[int, ...], torch.dtype, torch.device, bool], torch.Tensor] = {}
 
 
 def _index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -228,15 +233,24 @@ def _index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return _INDEX_CACHE[key]
 
 
-def _resizers(values: tuple[int, ...], dtype: torch.dtype, device: torch.device
-              ) -> torch.Tensor:
+def resize_matrix(c_in: int, c_out: int, pad: bool, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """[c_out, c_in]: channel-wise interpolation (`interp_matrix`), or with `pad` the
+    identity on the first c_in channels and zeros after (channel i stays channel i)."""
+    if not pad:
+        return interp_matrix(c_in, c_out, dtype, device)
+    return torch.eye(c_out, c_in, dtype=dtype, device=device)
+
+
+def _resizers(values: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+              pad: bool = False) -> torch.Tensor:
     """[n, c_max, c_max]: candidate n's channel resize c_n -> c_max (zero columns past c_n)."""
-    key = (values, dtype, device)
+    key = (values, dtype, device, pad)
     if key not in _RESIZE_CACHE:
         c_max = max(values)
         out = torch.zeros(len(values), c_max, c_max, dtype=dtype, device=device)
         for n, c in enumerate(values):
-            out[n, :, :c] = interp_matrix(c, c_max, dtype, device)
+            out[n, :, :c] = resize_matrix(c, c_max, pad, dtype, device)
         _RESIZE_CACHE[key] = out
     return _RESIZE_CACHE[key]
 
@@ -247,7 +261,8 @@ def _mixing(choice: Choice, scale: torch.Tensor, shift: torch.Tensor | None
 
     scale, shift: [n, c_max] per candidate (entries past c_n are ignored)."""
     assert choice.weights is not None
-    weighted = _resizers(choice.values, scale.dtype, scale.device) * choice.weights[:, None, None]
+    weighted = (_resizers(choice.values, scale.dtype, scale.device, choice.pad)
+                * choice.weights[:, None, None])
     mix = (weighted * scale[:, None, :]).sum(0)
     bias = None if shift is None else torch.einsum("nic,nc->i", weighted, shift)
     return mix, bias
@@ -372,13 +387,28 @@ class SuperNet(nn.Module):
         return [p for p in self.parameters() if id(p) not in arch]
 
     # architectures ---------------------------------------------------------------------
-    def sample(self, tau: float, k: int = 2, generator: torch.Generator | None = None) -> Arch:
-        """Fresh Gumbel samples of every width (top-k) and depth (soft) distribution."""
+    def sample(self, tau: float, k: int = 2, generator: torch.Generator | None = None,
+               pad: bool = False) -> Arch:
+        """Fresh Gumbel samples of every width (top-k) and depth (soft) distribution;
+        `pad`: mix candidates by zero-padding instead of channel-wise interpolation."""
         top = gumbel_topk(self.width_logits, self.width_mask, tau, k, generator)
+        widths = _choices(self.space.widths, top.index, top.weight, pad)
         probs = gumbel_softmax(self.depth_logits, self.depth_mask, tau, generator)
         order = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
-        return Arch(widths=_choices(self.space.widths, top.index, top.weight),
-                    depths=_choices(self.space.depths, order, probs))
+        return Arch(widths, _choices(self.space.depths, order, probs, pad))
+
+    def expected(self) -> Arch:
+        """Every choice of every distribution weighted by its probability, no noise: conv
+        slot l outputs channel i scaled by P(c_l > i) (zero-padded candidates), and the
+        depths take the nested relaxation of `_gated_stage_forward`."""
+        arch = []
+        for logits, mask, values in ((self.width_logits, self.width_mask, self.space.widths),
+                                     (self.depth_logits, self.depth_mask, self.space.depths)):
+            probs = masked_softmax(logits, mask)
+            order = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
+            arch.append(_choices(values, order, probs, pad=True))
+        depths = tuple(dataclasses.replace(c, gate=True) for c in arch[1])
+        return Arch(widths=arch[0], depths=depths)
 
     def argmax_indices(self) -> tuple[list[int], list[int]]:
         """The most probable choice of every slot and stage."""
@@ -451,6 +481,8 @@ class SuperNet(nn.Module):
 def _stage_forward(blocks: nn.ModuleList, x: torch.Tensor, widths: tuple[Choice, ...],
                    depth: Choice) -> torch.Tensor:
     """Run the first max(d) blocks; mix the outputs after each depth candidate d."""
+    if depth.gate and depth.weights is not None:
+        return _gated_stage_forward(blocks, x, widths, depth)
     outs: dict[int, torch.Tensor] = {}
     for b in range(depth.max):
         x = blocks[b](x, widths)
@@ -465,11 +497,36 @@ def _stage_forward(blocks: nn.ModuleList, x: torch.Tensor, widths: tuple[Choice,
         if o.shape[1] == widest:
             term = o * p
         else:
-            a = interp_matrix(o.shape[1], widest, o.dtype, o.device)
+            a = resize_matrix(o.shape[1], widest, depth.pad, o.dtype, o.device)
             term = F.conv2d(o, (a * p)[:, :, None, None])
         total = term if total is None else total + term
     assert total is not None
     return total
+
+
+def _gated_stage_forward(blocks: nn.ModuleList, x: torch.Tensor, widths: tuple[Choice, ...],
+                         depth: Choice) -> torch.Tensor:
+    """The nested relaxation of a depth distribution: the blocks between two consecutive
+    candidates d_i < d_(i+1) form a group that is kept with probability
+    q_i = P(d >= d_(i+1)) / P(d >= d_i) given the blocks before it, and the stage computes
+    y <- y + q_i * (group(y) - y), group by group (narrower tensors zero-padded)."""
+    order = sorted(range(len(depth.values)), key=lambda n: depth.values[n])
+    values = [depth.values[n] for n in order]
+    assert depth.weights is not None
+    probs = depth.weights[order]
+    keep = probs.flip(0).cumsum(0).flip(0)  # keep[i] = P(d >= values[i])
+    for b in range(values[0]):
+        x = blocks[b](x, widths)
+    for i in range(1, len(values)):
+        z = x
+        for b in range(values[i - 1], values[i]):
+            z = blocks[b](z, widths)
+        q = keep[i] / keep[i - 1].clamp_min(1e-12)
+        if z.shape[1] != x.shape[1]:
+            c = max(z.shape[1], x.shape[1])
+            x, z = (F.pad(t, (0, 0, 0, 0, 0, c - t.shape[1])) for t in (x, z))
+        x = x + q * (z - x)
+    return x
 
 
 def _mask(choices: tuple[tuple[int, ...], ...]) -> torch.Tensor:

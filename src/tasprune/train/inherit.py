@@ -25,11 +25,15 @@ the kept channels. Inner convs of a block (not on a stream) rank their own filte
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from tasprune.models import ResNet, build_model
+from tasprune.models.blocks import Projection
 from tasprune.shape import Shape
 from tasprune.train.checkpoint import load_state_checked
 
@@ -62,13 +66,24 @@ def _l1(weight: torch.Tensor) -> torch.Tensor:
     return norms / norms.sum().clamp_min(1e-12)
 
 
-def _rank_streams(teacher: ResNet) -> _Streams:
+def _rank_streams(teacher: ResNet,
+                  importance: Mapping[str, torch.Tensor] | None = None) -> _Streams:
+    """Streams of the teacher's tensors and a score per channel: the sum over the convs
+    writing into the stream of their per-channel importance, each normalised to sum 1
+    (`importance`: conv name -> scores; default: the L1 norms of the filters)."""
     sd = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
-    stream_of: dict[_TensorKey, int] = {"stem": 0}
-    writers: list[list[torch.Tensor]] = [[_l1(sd["conv1.weight"])]]
 
-    def new_stream(*weights: torch.Tensor) -> int:
-        writers.append([_l1(w) for w in weights])
+    def score(_: dict[str, torch.Tensor], conv: str) -> torch.Tensor:
+        if importance is None:
+            return _l1(sd[f"{conv}.weight"])
+        values = importance[conv].detach().cpu().double()
+        return values / values.sum().clamp_min(1e-12)
+
+    stream_of: dict[_TensorKey, int] = {"stem": 0}
+    writers: list[list[torch.Tensor]] = [[score(sd, "conv1")]]
+
+    def new_stream(*convs: str) -> int:
+        writers.append([score(sd, c) for c in convs])
         return len(writers) - 1
 
     current: _TensorKey = "stem"
@@ -78,17 +93,106 @@ def _rank_streams(teacher: ResNet) -> _Streams:
             prefix = f"layer{s + 1}.{b}"
             convs = shape.skeleton.stages[s][b].convs
             for j in range(len(convs) - 1):
-                stream_of[(s, b, j)] = new_stream(sd[f"{prefix}.conv{j + 1}.weight"])
-            last = sd[f"{prefix}.conv{len(convs)}.weight"]
+                stream_of[(s, b, j)] = new_stream(f"{prefix}.conv{j + 1}")
+            last = f"{prefix}.conv{len(convs)}"
             if block.downsample is None:
                 out = stream_of[current]
-                writers[out].append(_l1(last))
+                writers[out].append(score(sd, last))
             else:
-                out = new_stream(last, sd[f"{prefix}.downsample.conv.weight"])
+                out = new_stream(last, f"{prefix}.downsample.conv")
             current = (s, b, len(convs) - 1)
             stream_of[current] = out
     scores = [torch.stack(w).sum(0) for w in writers]
     return _Streams(stream_of, scores)
+
+
+def taylor_importance(teacher: ResNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> dict[str, torch.Tensor]:
+    """Per output channel of every conv of `teacher`: the first-order Taylor estimate of
+    how much the loss changes when the channel is removed, |sum over pixels of a * dL/da|
+    summed over images, where `a` is the conv's output after its BatchNorm (Molchanov et
+    al., "Importance Estimation for Neural Network Pruning", CVPR 2019). `batches`: (images,
+    labels) on the teacher's device; the loss is the cross-entropy. Returns conv name ->
+    scores [channels]."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in teacher.named_modules():
+        if isinstance(module, Projection):  # conv (+ BN when it has one)
+            conv = f"{name}.conv"
+        elif isinstance(module, nn.BatchNorm2d) and ".downsample." not in f".{name}":
+            conv = name.replace("bn", "conv")
+        else:
+            continue
+
+        def keep(_: nn.Module, __: Any, out: torch.Tensor, conv: str = conv) -> None:
+            out.retain_grad()
+            outputs[conv] = out
+        hooks.append(module.register_forward_hook(keep))
+    was_training = teacher.training
+    teacher.eval()
+    scores: dict[str, torch.Tensor] = {}
+    try:
+        for images, labels in batches:
+            teacher.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(teacher(images), labels).backward()
+            for conv, out in outputs.items():
+                assert out.grad is not None
+                s = (out * out.grad).sum((2, 3)).abs().sum(0).detach()
+                scores[conv] = scores[conv] + s if conv in scores else s
+            outputs.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        teacher.zero_grad(set_to_none=True)
+        teacher.train(was_training)
+    return scores
+
+
+def reorder_channels(teacher: ResNet, importance: Mapping[str, torch.Tensor] | None = None
+                     ) -> ResNet:
+    """A copy of the unpruned `teacher` computing the same function, with the channels of
+    every residual stream and of every inner conv sorted by importance, most important
+    first, so that the first c channels of any tensor are its best c.
+
+    One permutation per stream (see the module docstring) is applied to the output
+    channels of every conv and BatchNorm writing into it and to the input channels of
+    every conv (and the classifier) reading it; identity shortcuts join tensors of one
+    stream, so they stay identities. `importance`: conv name -> per-channel scores (e.g.
+    `taylor_importance`); default: the L1 norms of the filters."""
+    shape: Shape = teacher.shape
+    if not shape.is_full:
+        raise ValueError(f"reorder_channels needs the unpruned network, got {shape.describe()}")
+    streams = _rank_streams(teacher, importance)
+    perm = [torch.argsort(s, descending=True, stable=True) for s in streams.scores]
+    sd = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+
+    def write(conv: str, out_key: _TensorKey, in_key: _TensorKey | None) -> None:
+        rows = perm[streams.stream_of[out_key]]
+        weight = sd[f"{conv}.weight"][rows]
+        if in_key is not None:
+            weight = weight[:, perm[streams.stream_of[in_key]]]
+        sd[f"{conv}.weight"] = weight.contiguous()
+        bn = conv.replace("downsample.conv", "downsample.bn").replace("conv", "bn")
+        for part in ("weight", "bias", "running_mean", "running_var"):
+            if f"{bn}.{part}" in sd:
+                sd[f"{bn}.{part}"] = sd[f"{bn}.{part}"][rows].contiguous()
+
+    write("conv1", "stem", None)
+    current: _TensorKey = "stem"
+    for s, stage in enumerate(shape.skeleton.stages):
+        for b, blk in enumerate(stage):
+            prefix, last = f"layer{s + 1}.{b}", len(blk.convs) - 1
+            previous = current
+            for j in range(len(blk.convs)):
+                write(f"{prefix}.conv{j + 1}", (s, b, j), previous)
+                previous = (s, b, j)
+            if f"{prefix}.downsample.conv.weight" in sd:
+                write(f"{prefix}.downsample.conv", (s, b, last), current)
+            current = (s, b, last)
+    sd["fc.weight"] = sd["fc.weight"][:, perm[streams.stream_of[current]]].contiguous()
+    out = build_model(shape)
+    load_state_checked(out, sd, "reordered teacher")
+    return out.to(next(teacher.parameters()).device).train(teacher.training)
 
 
 def _check_compatible(shape: Shape, teacher: Shape) -> None:

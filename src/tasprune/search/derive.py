@@ -1,0 +1,120 @@
+"""Deriving the searched shape: the most probable shape, moved into the FLOP band.
+
+The argmax of every distribution is the paper's derived shape. After a short
+search its FLOPs can lie outside the band [target - tolerance, target]; then
+`derive_in_band` walks from it to the in-band shape that stays closest to the
+learned distributions, one choice at a time:
+
+1. while above the target, take the narrowing move (one slot one width choice
+   down, or one stage one depth choice down) that gives up the least
+   log-probability per FLOP saved;
+2. while below the band, take the widening move that gives up the least
+   log-probability per FLOP gained among those that stay at or under the target,
+   then (also after step 1) any widening move that fits and makes the shape more
+   probable, so an overshoot of step 1 is taken back;
+3. if still below the band, take the widening move that adds the most FLOPs
+   without passing the target, until in the band or no move fits.
+
+Step 1 ends at or under the target whenever the space reaches it (if it gets
+stuck it restarts from the smallest shape), and steps 2-3 never pass the target,
+so the derived shape never exceeds the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tasprune.flops import count_flops
+from tasprune.search.sampling import masked_log_softmax
+from tasprune.search.space import SearchSpace, used_slots
+from tasprune.shape import Shape
+
+
+@dataclass(frozen=True)
+class Derived:
+    """The derived shape, the argmax shape it came from, and whether it had to move."""
+
+    shape: Shape
+    argmax: Shape
+    flops: int
+    argmax_flops: int
+    adjusted: bool
+
+
+def _rows(logits: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    logp = masked_log_softmax(logits.detach().double().cpu(), mask.cpu())
+    return [row[: int(m.sum())] for row, m in zip(logp.tolist(), mask.cpu(), strict=True)]
+
+
+def derive_in_band(space: SearchSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor,
+                   width_mask: torch.Tensor, depth_mask: torch.Tensor, ratio: float,
+                   tolerance: float) -> Derived:
+    """The argmax shape, or the closest in-band shape when the argmax is outside the band
+    [ratio - tolerance, ratio] (fractions of the unpruned FLOPs); see the module docstring."""
+    wlp, dlp = _rows(width_logits, width_mask), _rows(depth_logits, depth_mask)
+    full = count_flops(space.full)
+    target, low = ratio * full, (ratio - tolerance) * full
+    wi = [max(range(len(r)), key=r.__getitem__) for r in wlp]
+    di = [max(range(len(r)), key=r.__getitem__) for r in dlp]
+
+    argmax = space.shape(wi, di)
+    argmax_flops = count_flops(argmax)
+    flops = argmax_flops
+    shape_moved = flops > target
+    if flops > target:
+        wi, di, flops = _walk(space, wi, di, flops, wlp, dlp, -1, lambda f: f > target,
+                              lambda f: True)
+        if flops > target:  # stuck: start again from the smallest shape
+            wi, di = [0] * len(wi), [0] * len(di)
+            flops = count_flops(space.shape(wi, di))
+    if flops < low or shape_moved:
+        wi, di, flops = _walk(space, wi, di, flops, wlp, dlp, +1, lambda f: f < low,
+                              lambda f: f <= target)
+    if flops < low:
+        wi, di, flops = _walk(space, wi, di, flops, wlp, dlp, +1, lambda f: f < low,
+                              lambda f: f <= target, greedy_flops=True)
+    shape = space.shape(wi, di)
+    return Derived(shape=shape, argmax=argmax, flops=flops, argmax_flops=argmax_flops,
+                   adjusted=shape != argmax)
+
+
+def _walk(space: SearchSpace, wi: list[int], di: list[int], flops: int,
+          wlp: list[list[float]], dlp: list[list[float]], step: int,
+          go_on: Callable[[int], bool], allowed: Callable[[int], bool],
+          greedy_flops: bool = False) -> tuple[list[int], list[int], int]:
+    """Move one choice at a time by `step` (-1 narrower, +1 wider) while `go_on(flops)`,
+    each time the allowed move with the best log-probability per FLOP (or, with
+    `greedy_flops`, the most FLOPs); then, widening, go on with the allowed moves that
+    make the shape more probable (back towards the argmax after an overshoot); stop when
+    no move is left."""
+    wi, di = list(wi), list(di)
+    while True:
+        free_only = not go_on(flops)
+        if free_only and (step < 0 or greedy_flops):
+            break
+        used = used_slots(space.shape(wi, di))
+        best: tuple[float, float, list[int], list[int], int] | None = None
+        moves: list[tuple[list[int], list[int], float]] = []
+        for s in sorted(used):
+            j = wi[s] + step
+            if 0 <= j < len(wlp[s]):
+                moves.append(([*wi[:s], j, *wi[s + 1:]], di, wlp[s][wi[s]] - wlp[s][j]))
+        for s in range(len(di)):
+            j = di[s] + step
+            if 0 <= j < len(dlp[s]):
+                moves.append((wi, [*di[:s], j, *di[s + 1:]], dlp[s][di[s]] - dlp[s][j]))
+        for w, d, cost in moves:
+            f = count_flops(space.shape(w, d))
+            gain = (f - flops) * step  # FLOPs moved in the wanted direction
+            if gain <= 0 or not allowed(f) or (free_only and cost >= 0):
+                continue
+            key = (-gain, 0.0) if greedy_flops else (cost / gain, -gain)
+            if best is None or key < best[:2]:
+                best = (*key, w, d, f)
+        if best is None:
+            break
+        wi, di, flops = best[2], best[3], best[4]
+    return wi, di, flops

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from synthetic import synthetic_bundle
+from tasprune import Shape, build_model
+from tasprune.search.health import accuracy, recalibrate_bn, subnet, subnet_accuracy
+from tasprune.search.space import SearchSpace
+from tasprune.search.supernet import SuperNet
+from tasprune.train.inherit import reorder_channels
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_recalibration_is_the_plain_average_of_the_batch_statistics():
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 2, 2, generator=gen) * (i + 1) + i for i in range(3)]
+    recalibrate_bn(bn, batches)
+    means = torch.stack([b.mean((0, 2, 3)) for b in batches])
+    variances = torch.stack([b.var((0, 2, 3), unbiased=True) for b in batches])
+    assert torch.allclose(bn[0].running_mean, means.mean(0), atol=1e-6)
+    assert torch.allclose(bn[0].running_var, variances.mean(0), atol=1e-5)
+    assert not bn.training and bn[0].momentum == 0.1
+
+
+def test_the_full_shape_cut_from_the_supernet_is_the_teacher():
+    # A supernet started from a (channel-reordered) teacher: its full shape, recalibrated,
+    # gives the teacher's logits and accuracy when the teacher is recalibrated alike.
+    data = synthetic_bundle(n_train=64, classes=3, size=8)
+    full = Shape.full("resnet14", num_classes=3, in_channels=1, resolution=8)
+    torch.manual_seed(0)
+    teacher = build_model(full)
+    x = data.transform(data.train.images[:32])
+    teacher.train()
+    with torch.no_grad():
+        teacher(x)  # non-trivial running statistics
+    net = SuperNet(SearchSpace.from_shape(full))
+    net.load_teacher(reorder_channels(teacher.eval()).state_dict())
+    calibrate, held_out = torch.arange(0, 32), torch.arange(32, 64)
+    acc = subnet_accuracy(net, full, data, calibrate, held_out, batch_size=16)
+    recalibrate_bn(teacher, [data.transform(data.train.images[calibrate[i:i + 16]])
+                             for i in (0, 16)])
+    assert acc == accuracy(teacher, data, held_out, 16, torch.device("cpu"))
+    cut = subnet(net, full)
+    recalibrate_bn(cut, [data.transform(data.train.images[calibrate[i:i + 16]])
+                         for i in (0, 16)])
+    with torch.no_grad():
+        probe = data.transform(data.train.images[held_out])
+        assert torch.allclose(cut(probe), teacher(probe), atol=1e-4)
