@@ -351,7 +351,7 @@ def weight_loss(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor
                         DistillConfig(config.kd_alpha, config.kd_temperature)).total
 
 
-def weight_arch(net: SuperNet, config: SearchConfig, tau: float,
+def weight_step_arch(net: SuperNet, config: SearchConfig, tau: float,
                 generator: torch.Generator | None) -> Arch:
     """The architecture of a weight step: a Gumbel sample; with the "expected" relaxation
     one width per slot (a real sub-network's widths, channels kept in place), with
@@ -361,7 +361,7 @@ def weight_arch(net: SuperNet, config: SearchConfig, tau: float,
     return net.sample(tau, config.topk, generator)
 
 
-def arch_arch(net: SuperNet, config: SearchConfig, tau: float,
+def arch_step_arch(net: SuperNet, config: SearchConfig, tau: float,
               generator: torch.Generator | None) -> Arch:
     """The architecture of an architecture step: with the "expected" relaxation every
     choice weighted by its probability, no noise (`SuperNet.expected`); with "gumbel"
@@ -393,7 +393,7 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
     (xt, yt), (xv, yv) = train, valid
     weights, arch = net.weight_parameters(), net.arch_parameters()
     with _grad_only(weights, arch):
-        out_t = net(xt, weight_arch(net, config, tau, generator))
+        out_t = net(xt, weight_step_arch(net, config, tau, generator))
         loss_t = weight_loss(out_t, yt, xt, teacher, config)
         w_opt.zero_grad(set_to_none=True)
         loss_t.backward()
@@ -406,7 +406,7 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
     valid_stats = [zero] * 5
     if arch_step:
         with _grad_only(arch, weights):
-            out_v = net(xv, arch_arch(net, config, tau, generator))
+            out_v = net(xv, arch_step_arch(net, config, tau, generator))
             loss_v = F.cross_entropy(out_v, yv)
             fl = supernet_flop_loss(net, config.flops_ratio, config.tolerance, full_flops,
                                     config.flop_loss)
@@ -530,21 +530,29 @@ class SearchLoop:
         """Weight-only steps before the first architecture step."""
         return warmup_steps(self.config, self.steps)
 
+    def is_arch_step(self, epoch: int, step: int) -> bool:
+        """Whether step `step` of epoch `epoch` (0-based) takes an architecture step."""
+        return epoch * self.steps + step >= self.warmup_steps
+
+    def _arch_position(self, epoch: int, step: int) -> tuple[int, int]:
+        """(architecture steps before this one, architecture steps in all), the first
+        clamped at 0 during the warm-up."""
+        done = epoch * self.steps + step - self.warmup_steps
+        return max(done, 0), self.config.epochs * self.steps - self.warmup_steps
+
     def entropy_weight(self, epoch: int, step: int) -> float:
         """Weight of the mean entropy in the arch loss: 0 at the first architecture step,
         rising linearly to `config.entropy_weight` at the last."""
-        done = epoch * self.steps + step - self.warmup_steps
-        total = self.config.epochs * self.steps - self.warmup_steps
-        return self.config.entropy_weight * min(max(done / max(total - 1, 1), 0.0), 1.0)
+        done, total = self._arch_position(epoch, step)
+        return self.config.entropy_weight * min(done / max(total - 1, 1), 1.0)
 
     def tau(self, epoch: int, step: int) -> float:
         """The temperature of step `step` of epoch `epoch` (both 0-based)."""
         cfg = self.config
         if cfg.tau_per == "epoch":
             return tau_at(epoch, cfg.epochs, cfg.tau_max, cfg.tau_min, cfg.tau_schedule)
-        done = epoch * self.steps + step - self.warmup_steps
-        total = cfg.epochs * self.steps - self.warmup_steps
-        return tau_at(max(done, 0), total, cfg.tau_max, cfg.tau_min, cfg.tau_schedule)
+        return tau_at(*self._arch_position(epoch, step), cfg.tau_max, cfg.tau_min,
+                      cfg.tau_schedule)
 
     def save(self, epoch: int, run: _EpochRun | None = None) -> Path:
         """Write search.pt after `epoch` finished epochs (+ `run.step` steps of the next).
@@ -621,8 +629,7 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
         tau = loop.tau(epoch, step)
         out = search_step(net, (xt, yt.to(device)), (xv, yv.to(device)), loop.w_opt,
                           loop.a_opt, cfg, tau, run.gumbel, loop.full_flops,
-                          teacher=loop.teacher_net,
-                          arch_step=epoch * loop.steps + step >= loop.warmup_steps,
+                          teacher=loop.teacher_net, arch_step=loop.is_arch_step(epoch, step),
                           entropy_weight=loop.entropy_weight(epoch, step), dist=dist,
                           stop=loop.stop.requested, at=(epoch + 1, step + 1))
         loop.w_sched.step()

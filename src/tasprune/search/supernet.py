@@ -9,19 +9,21 @@ block has a full-size projection shortcut (sliced at run time) that is used
 exactly where the pruned network of `tasprune.models` has one: at stride 2
 always, at stride 1 when the block's input width differs from its output width.
 
-A forward pass takes an `Arch` (sampled by `SuperNet.sample` or fixed from a
-Shape) and, per slot:
+A forward pass takes an `Arch` (sampled by `SuperNet.sample`, the noise-free
+`SuperNet.expected`, or fixed from a Shape) and, per slot:
 
 * computes the conv only for the `c_max` output channels of the widest
   candidate and only the input channels present (sliced weights, no padding);
-* channel-wise interpolation (CWI): candidate j takes the first `c_j`
-  channels, applies its own BatchNorm, is resized to `c_max` channels by
-  adaptive average pooling along channels (`interp_matrix`), and the resized
-  candidates are summed with their mixing weights. BatchNorm and CWI are
-  per-channel affine maps plus a fixed channel averaging, so they collapse into
-  one normalisation and one `c_max x c_max` 1x1 convolution per slot;
-* a stage's output is the Gumbel-softmax weighted sum over depth choices of
-  the output after block d, each resized to the widest of them.
+* candidate j takes the first `c_j` channels, applies its own BatchNorm, is
+  resized to `c_max` channels, and the resized candidates are summed with their
+  mixing weights. The resize is channel-wise interpolation (CWI, the paper's:
+  adaptive average pooling along channels, `interp_matrix`) or, with `pad`,
+  zero-padding (channel i stays channel i). BatchNorm and either resize are
+  per-channel affine maps plus a fixed channel matrix, so they collapse into one
+  normalisation and one `c_max x c_max` 1x1 convolution per slot;
+* a stage's output is the weighted sum over depth choices of the output after
+  block d, each resized to the widest of them; or, for `gate` choices, the
+  nested relaxation of `_gated_stage_forward`.
 
 Candidates whose mixing weight is exactly zero are dropped before `c_max` is
 computed (they contribute nothing to the sum): this keeps the sampled forward
