@@ -212,6 +212,17 @@ def test_both_checkpoints_damaged_is_a_clear_error_and_deletes_nothing(tmp_path,
     assert (ckpt.stat().st_size, prev.stat().st_size) == sizes
 
 
+def test_a_checkpoint_of_the_earlier_search_is_refused_with_advice(tmp_path, monkeypatch):
+    _stopped_run(tmp_path, monkeypatch)
+    state = load_checkpoint(tmp_path / "search.pt")
+    state["format"] = "tasprune.search"  # as written before the default search changed
+    save_checkpoint(tmp_path / "search.pt", state)
+    before = (tmp_path / "search.pt").read_bytes()
+    with pytest.raises(ValueError, match="earlier tasprune whose search differs.*start a new"):
+        search(FULL, _data(), _config(), tmp_path, resume=True, quiet=True)
+    assert (tmp_path / "search.pt").read_bytes() == before
+
+
 def test_a_mid_epoch_checkpoint_needs_the_same_number_of_processes(tmp_path, monkeypatch):
     _stopped_run(tmp_path, monkeypatch)
     state = load_checkpoint(tmp_path / "search.pt")
