@@ -378,6 +378,10 @@ def cmd_search(args: argparse.Namespace) -> int:
           f"= {result.flops / result.full_flops:.3f} of the unpruned {args.model} (target "
           f"{config.flops_ratio}, {band} the band [{config.flops_ratio - config.tolerance:.3f}, "
           f"{config.flops_ratio}]), params {_fmt_count(result.params)}")
+    if result.adjusted and result.argmax_flops is not None:
+        print(f"the most probable shape ({result.argmax_flops / result.full_flops:.3f} of the "
+              "FLOPs) was outside the band: the shape was moved into it, to the in-band shape "
+              "closest to the learned distributions")
     print(f"wrote {args.out}/shape.json (the shape), metrics.jsonl, search.pt")
     return 0
 

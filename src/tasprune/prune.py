@@ -236,8 +236,14 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
                  "from scratch")
         _log(quiet, f"search: {'resuming' if resume else 'searching'} at "
              f"{config.search.flops_ratio} of the FLOPs for {config.search.epochs} epochs")
-        shape = search(full, data, config.search, out, teacher_state=teacher_state,
-                       resume=resume, quiet=quiet).shape
+        found = search(full, data, config.search, out, teacher_state=teacher_state,
+                       resume=resume, quiet=quiet)
+        shape = found.shape
+        if found.adjusted and found.argmax_flops is not None:
+            argmax = found.argmax_flops / found.full_flops
+            _log(quiet, f"search: the most probable shape ({argmax:.3f} of the FLOPs) was "
+                 "outside the band; moved to the closest in-band shape "
+                 f"({found.flops / found.full_flops:.3f})")
 
     if (out / "model.safetensors").is_file() and (out / "train.pt").is_file():
         _log(quiet, f"train: done ({out / 'model.safetensors'}), skipping")

@@ -798,19 +798,28 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
                     append_jsonl(metrics_path, record)
                 loop.save(epoch + 1)
                 if not quiet:
-                    tqdm.write(
-                        f"search epoch {epoch + 1}/{config.epochs}: tau {record['tau']:.2f}  "
-                        f"train acc {record['train_acc']:.3f}  valid acc "
-                        f"{record['valid_acc']:.3f}  FLOPs {record['flops_ratio']:.3f} "
-                        f"(expected {record['expected_ratio']:.3f}, target "
-                        f"{config.flops_ratio})  {record['images_per_s']:.0f} img/s",
-                        file=sys.stderr)
+                    tqdm.write(_epoch_line(record, config), file=sys.stderr)
                 if loop.stopped and epoch + 1 < config.epochs:
                     raise loop.interrupted(f"the end of epoch {epoch + 1}")
         return _finish(loop, metrics_path)
     finally:
         if owns_group and torch_dist.is_initialized():
             leave_process_group()
+
+
+def _epoch_line(record: dict[str, Any], config: SearchConfig) -> str:
+    """The one line a search prints per epoch: its health at a glance."""
+    line = (f"search epoch {record['epoch']}/{config.epochs}: tau {record['tau']:.2f}  "
+            f"train acc {record['train_acc']:.3f}")
+    if "subnet_acc" in record:
+        line += f"  argmax shape acc {record['subnet_acc']:.3f}"
+        if "teacher_acc" in record:
+            line += f" (teacher {record['teacher_acc']:.3f})"
+    return (line + f"  FLOPs {record['flops_ratio']:.3f} (expected "
+            f"{record['expected_ratio']:.3f}, target {config.flops_ratio})  entropy width "
+            f"{record['width_entropy']:.2f}/{record['width_entropy_max']:.2f} depth "
+            f"{record['depth_entropy']:.2f}/{record['depth_entropy_max']:.2f}  "
+            f"{record['images_per_s']:.0f} img/s")
 
 
 def _finish(loop: SearchLoop, metrics_path: Path) -> SearchResult:
