@@ -44,7 +44,7 @@ def test_full_report(tmp_path):
         assert f"]({png})" in text
     assert "| FLOPs (MACs) | 40.81M | 22.44M | 0.550 (target 0.55) |" in text
     assert "| CPU latency, batch 64 (median) | 50.00 ms | 30.00 ms | 1.67x faster |" in text
-    assert "The argmax shape is inside the target band [0.500, 0.55]: 0.530" in text
+    assert "The argmax shape is inside the target band [0.500, 0.550]: 0.530" in text
     assert "(BatchNorm recalibrated, held-out half): 61.00% (teacher 80.00%)" in text
     assert ("The distributions converged (at most half of the uniform entropy counts "
             "as converged): mean width entropy 0.80 nats of at most 2.00; mean depth entropy "
@@ -56,7 +56,7 @@ def test_full_report(tmp_path):
 def test_report_of_a_shape_moved_into_the_band(tmp_path):
     text = write_report(_run_dir(tmp_path, adjusted=True)).read_text()
     assert ("The argmax shape (0.600 of the full FLOPs) was outside the target band "
-            "[0.500, 0.55]; the derived shape is the in-band shape closest to the learned "
+            "[0.500, 0.550]; the derived shape is the in-band shape closest to the learned "
             "distributions, at 0.530.") in text
 
 

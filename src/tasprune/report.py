@@ -199,7 +199,7 @@ def _summary_table(summary: dict[str, Any]) -> list[str]:
 
 def _derive_lines(derive: dict[str, Any]) -> list[str]:
     band = f"[{derive['target_ratio'] - derive.get('tolerance', 0.05):.3f}, " \
-           f"{derive['target_ratio']}]"
+           f"{derive['target_ratio']:.3f}]"
     if derive.get("adjusted"):
         out = [f"The argmax shape ({derive['argmax_ratio']:.3f} of the full FLOPs) was outside "
                f"the target band {band}; the derived shape is the in-band shape closest to the "

@@ -106,6 +106,7 @@ def _walk(space: SearchSpace, wi: list[int], di: list[int], flops: int,
             j = di[s] + step
             if 0 <= j < len(dlp[s]):
                 moves.append((wi, [*di[:s], j, *di[s + 1:]], dlp[s][di[s]] - dlp[s][j]))
+        finish: tuple[float, list[int], list[int], int] | None = None
         for w, d, cost in moves:
             f = count_flops(space.shape(w, d))
             gain = (f - flops) * step  # FLOPs moved in the wanted direction
@@ -114,7 +115,16 @@ def _walk(space: SearchSpace, wi: list[int], di: list[int], flops: int,
             key = (-gain, 0.0) if greedy_flops else (cost / gain, -gain)
             if best is None or key < best[:2]:
                 best = (*key, w, d, f)
+            if not free_only and not go_on(f) and (finish is None or cost < finish[0]):
+                finish = (cost, w, d, f)
         if best is None:
             break
+        if finish is not None and not greedy_flops and finish[0] <= best[0] * (
+                (best[4] - flops) * step):
+            # one move gets there and gives up no more than the best-ratio move: take it
+            # (a small overshoot is undone by the cheapest sufficient move, not by the
+            # move that saves the most per log-probability)
+            wi, di, flops = finish[1], finish[2], finish[3]
+            continue
         wi, di, flops = best[2], best[3], best[4]
     return wi, di, flops
