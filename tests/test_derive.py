@@ -60,3 +60,28 @@ def test_the_move_gives_up_the_least_likely_choices():
     assert d.adjusted and d.argmax == net.space.full
     changed = [s for s, (a, b) in enumerate(zip(d.shape.widths, d.argmax.widths)) if a != b]
     assert changed == [5] and d.flops <= 0.97 * full
+
+
+def test_a_small_overshoot_is_undone_by_the_cheapest_sufficient_move():
+    # Dropping a block of stage 3 saves the most FLOPs per log-probability, but narrowing
+    # one conv of stage 3 by one choice is enough to get under the target, and cheaper.
+    net = _net("resnet14")
+    slot = 10  # layer3.0.conv2: stem, then 2 blocks x 2 convs per stage
+    with torch.no_grad():
+        net.width_logits.zero_()
+        last = net.width_mask.sum(1) - 1
+        net.width_logits[torch.arange(len(last)), last] = 10.0
+        net.width_logits[slot, last[slot] - 1] = 9.9  # narrower by one: 0.1 less likely
+        net.depth_logits.zero_()
+        net.depth_logits[:, 1] = 10.0
+        net.depth_logits[2, 0] = 9.8  # stage 3 at 1 block: 0.2 less likely, many FLOPs fewer
+    full = count_flops(net.space.full)
+    widths = list(net.space.full.widths)
+    widths[slot] = net.space.widths[slot][-2]
+    narrowed = count_flops(net.space.full.replace(widths=tuple(widths)))
+    assert narrowed < full
+    ratio = narrowed / full  # exactly reachable by that one move
+    d = _derive(net, ratio, tolerance=0.1)
+    changed = [s for s, (a, b) in enumerate(zip(d.shape.widths, d.argmax.widths)) if a != b]
+    assert d.shape.blocks == d.argmax.blocks and changed == [slot]
+    assert d.flops <= ratio * full

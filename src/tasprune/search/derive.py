@@ -7,7 +7,8 @@ learned distributions, one choice at a time:
 
 1. while above the target, take the narrowing move (one slot one width choice
    down, or one stage one depth choice down) that gives up the least
-   log-probability per FLOP saved;
+   log-probability per FLOP saved, unless a move that reaches the target gives up
+   no more log-probability than that one: then the cheapest such move;
 2. while below the band, take the widening move that gives up the least
    log-probability per FLOP gained among those that stay at or under the target,
    then (also after step 1) any widening move that fits and makes the shape more
