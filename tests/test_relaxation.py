@@ -119,15 +119,26 @@ def test_entropy_is_differentiable_and_exact():
     assert entropy(peaked, mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_the_flop_loss_direction_by_the_expected_flops():
+def test_the_flop_loss_direction_from_the_expected_flops_the_argmax_or_between():
     expected = torch.tensor(470.0, dtype=torch.float64, requires_grad=True)
     # argmax far above the target, but E[F] inside the band [450, 500]: no loss
-    assert flop_loss(expected, 900, 1000, 0.5, 0.05, by="expected").direction == 0
-    assert flop_loss(expected, 900, 1000, 0.5, 0.05, by="argmax").direction == 1
+    assert flop_loss(expected, 900, 1000, 0.5, 0.05, argmax_weight=0).direction == 0
+    assert flop_loss(expected, 900, 1000, 0.5, 0.05, argmax_weight=1).direction == 1
+    # 470 + 0.1 * (900 - 470) = 513 > 500; 470 + 0.05 * 430 = 491.5: inside
+    assert flop_loss(expected, 900, 1000, 0.5, 0.05, argmax_weight=0.1).direction == 1
+    assert flop_loss(expected, 900, 1000, 0.5, 0.05, argmax_weight=0.05).direction == 0
     low = torch.tensor(300.0, dtype=torch.float64)
-    assert flop_loss(low, 480, 1000, 0.5, 0.05, by="expected").direction == -1
-    with pytest.raises(ValueError, match="argmax or expected"):
-        flop_loss(low, 480, 1000, 0.5, by="median")
+    assert flop_loss(low, 480, 1000, 0.5, 0.05, argmax_weight=0).direction == -1
+    with pytest.raises(ValueError, match="argmax_weight"):
+        flop_loss(low, 480, 1000, 0.5, argmax_weight=2)
+
+
+def test_the_flop_loss_direction_moves_to_the_argmax_over_the_search():
+    loop = _loop(SearchConfig(epochs=5, weight_warmup=0.2), steps=10)
+    assert loop.argmax_weight(0, 5) == 0 and loop.argmax_weight(1, 0) == 0
+    assert loop.argmax_weight(4, 9) == 1 and 0 < loop.argmax_weight(3, 0) < 1
+    assert _loop(SearchConfig(flop_loss="expected"), steps=10).argmax_weight(9, 9) == 0
+    assert _loop(SearchConfig(flop_loss="argmax"), steps=10).argmax_weight(0, 0) == 1
 
 
 def test_the_weight_step_distils_from_the_teacher():

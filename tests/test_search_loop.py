@@ -113,7 +113,7 @@ def test_search_writes_its_run_directory(tmp_path):
                 "depth_entropy", "images_per_s", "flop_loss", "subnet_acc"):
         assert all(math.isfinite(r[key]) for r in search_lines), key
     assert all(0 <= r["subnet_acc"] <= 1 and "teacher_acc" not in r for r in search_lines)
-    assert search_lines[-1]["argmax_flops"] == result.flops
+    assert search_lines[-1]["argmax_flops"] == result.argmax_flops
     derive = records[-1]
     assert derive["phase"] == "derive" and derive["in_band"] == result.in_band
     assert derive["flops"] == result.flops and derive["target_ratio"] == 0.5

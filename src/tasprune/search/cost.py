@@ -56,16 +56,17 @@ class FlopLoss:
 
 
 def flop_loss(expected: torch.Tensor, current: int, full: int, ratio: float,
-              tolerance: float = 0.05, by: str = "argmax") -> FlopLoss:
+              tolerance: float = 0.05, argmax_weight: float = 1.0) -> FlopLoss:
     """The FLOP loss from E[F] (tensor) and the argmax shape's exact FLOPs `current`.
 
-    `by` = "argmax" (the paper) takes the direction from `current`, which jumps with
-    the argmax and flips the loss's sign from step to step around the band;
-    "expected" takes it from E[F], which moves smoothly with the logits."""
+    Its direction comes from `argmax_weight * current + (1 - argmax_weight) * E[F]`: 1
+    is the paper's rule (the argmax, which jumps while the distributions are flat and
+    flips the loss's sign from step to step around the band), 0 the expected FLOPs
+    (smooth in the logits, but below the argmax's while the distributions have tails)."""
     target, tol = ratio * full, tolerance * full
-    if by not in ("argmax", "expected"):
-        raise ValueError(f"flop loss direction by {by!r}: expected argmax or expected")
-    where = current if by == "argmax" else float(expected.detach())
+    if not 0 <= argmax_weight <= 1:
+        raise ValueError(f"argmax_weight must be in [0, 1], got {argmax_weight}")
+    where = argmax_weight * current + (1 - argmax_weight) * float(expected.detach())
     if where > target:
         direction, loss = 1, torch.log(expected)
     elif where < target - tol:
@@ -77,10 +78,10 @@ def flop_loss(expected: torch.Tensor, current: int, full: int, ratio: float,
 
 
 def supernet_flop_loss(net: SuperNet, ratio: float, tolerance: float = 0.05,
-                       full_flops: int | None = None, by: str = "argmax") -> FlopLoss:
+                       full_flops: int | None = None, argmax_weight: float = 1.0
+                       ) -> FlopLoss:
     """FLOP loss of a supernet on E[F], its direction from the argmax shape's exact FLOPs
-    or from E[F] (`by`, see `flop_loss`)."""
+    and E[F] (see `flop_loss`)."""
     full = count_flops(net.space.full) if full_flops is None else full_flops
     return flop_loss(supernet_expected_flops(net), count_flops(net.derive()), full, ratio,
-                     tolerance, by)
-
+                     tolerance, argmax_weight)

@@ -142,10 +142,13 @@ class SearchConfig:
     every tensor are its best c; weight_warmup: the fraction of the steps that train
     the weights only, before the first architecture step; tau_per: "step" anneals
     tau over the architecture steps, "epoch" sets it per epoch (the paper);
-    flop_loss: "expected" takes the FLOP loss's direction from the expected FLOPs,
-    "argmax" from the argmax shape's (the paper); arch_lr_steps: > 0 scales arch_lr
-    by sqrt(arch_lr_steps / architecture steps of this search), so a short search
-    moves the logits as far as a long one (0 = arch_lr as given).
+    flop_loss: where the FLOP loss's direction comes from: "argmax" the argmax
+    shape's FLOPs (the paper), "expected" the expected FLOPs, "anneal" from the
+    expected to the argmax's over the architecture steps; arch_lr_steps: > 0 scales
+    arch_lr by arch_lr_steps / (architecture steps of this search), so a short search
+    moves the logits as far as a long one (0 = arch_lr as given); relaxation:
+    "expected" (see arch_step_arch) or "gumbel" (the paper's); entropy_weight: the
+    mean entropy's weight in the arch loss at the last step (rising from 0).
     health_images: held-out images on which every epoch measures the argmax shape's
     accuracy (0 = off).
     """
@@ -177,10 +180,10 @@ class SearchConfig:
     reorder: bool = True
     weight_warmup: float = 0.2
     tau_per: str = "step"
-    flop_loss: str = "expected"
+    flop_loss: str = "anneal"
     arch_lr_steps: int = 150
     relaxation: str = "expected"
-    entropy_weight: float = 0.3
+    entropy_weight: float = 1.0
     health_images: int = 2000
 
     def __post_init__(self) -> None:
@@ -226,8 +229,8 @@ class SearchConfig:
             fail("weight_warmup", "a fraction of the steps in [0, 1) (0: no warm-up)")
         if self.tau_per not in ("step", "epoch"):
             fail("tau_per", "expected step or epoch")
-        if self.flop_loss not in ("expected", "argmax"):
-            fail("flop_loss", "expected 'expected' or 'argmax'")
+        if self.flop_loss not in ("anneal", "expected", "argmax"):
+            fail("flop_loss", "expected 'anneal', 'expected' or 'argmax'")
         if self.relaxation not in ("expected", "gumbel"):
             fail("relaxation", "expected 'expected' or 'gumbel' (the paper's)")
         if not (math.isfinite(self.entropy_weight) and self.entropy_weight >= 0):
@@ -376,7 +379,7 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
                 a_opt: torch.optim.Optimizer, config: SearchConfig, tau: float,
                 generator: torch.Generator | None, full_flops: int, *,
                 teacher: nn.Module | None = None, arch_step: bool = True,
-                entropy_weight: float = 0.0,
+                entropy_weight: float = 0.0, argmax_weight: float = 1.0,
                 dist: Dist | None = None, stop: bool = False, at: tuple[int, int] = (0, 0)
                 ) -> StepOut:
     """(1) SGD on the weights with a train batch (`weight_loss`), then, when `arch_step`,
@@ -409,7 +412,7 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
             out_v = net(xv, arch_step_arch(net, config, tau, generator))
             loss_v = F.cross_entropy(out_v, yv)
             fl = supernet_flop_loss(net, config.flops_ratio, config.tolerance, full_flops,
-                                    config.flop_loss)
+                                    argmax_weight)
             loss_a = loss_v + config.flop_weight * fl.loss
             if entropy_weight > 0:
                 loss_a = loss_a + entropy_weight * (
@@ -540,11 +543,24 @@ class SearchLoop:
         done = epoch * self.steps + step - self.warmup_steps
         return max(done, 0), self.config.epochs * self.steps - self.warmup_steps
 
+    def _arch_fraction(self, epoch: int, step: int) -> float:
+        """0 at the first architecture step, 1 at the last."""
+        done, total = self._arch_position(epoch, step)
+        return min(done / max(total - 1, 1), 1.0)
+
     def entropy_weight(self, epoch: int, step: int) -> float:
         """Weight of the mean entropy in the arch loss: 0 at the first architecture step,
         rising linearly to `config.entropy_weight` at the last."""
-        done, total = self._arch_position(epoch, step)
-        return self.config.entropy_weight * min(done / max(total - 1, 1), 1.0)
+        return self.config.entropy_weight * self._arch_fraction(epoch, step)
+
+    def argmax_weight(self, epoch: int, step: int) -> float:
+        """Where the FLOP loss's direction comes from (see `cost.flop_loss`): the argmax
+        shape (1), E[F] (0), or, "anneal", from E[F] at the first architecture step to the
+        argmax at the last."""
+        mode = self.config.flop_loss
+        if mode == "anneal":
+            return self._arch_fraction(epoch, step)
+        return 1.0 if mode == "argmax" else 0.0
 
     def tau(self, epoch: int, step: int) -> float:
         """The temperature of step `step` of epoch `epoch` (both 0-based)."""
@@ -630,7 +646,8 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
         out = search_step(net, (xt, yt.to(device)), (xv, yv.to(device)), loop.w_opt,
                           loop.a_opt, cfg, tau, run.gumbel, loop.full_flops,
                           teacher=loop.teacher_net, arch_step=loop.is_arch_step(epoch, step),
-                          entropy_weight=loop.entropy_weight(epoch, step), dist=dist,
+                          entropy_weight=loop.entropy_weight(epoch, step),
+                          argmax_weight=loop.argmax_weight(epoch, step), dist=dist,
                           stop=loop.stop.requested, at=(epoch + 1, step + 1))
         loop.w_sched.step()
         run.add(out)
