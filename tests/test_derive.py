@@ -3,7 +3,7 @@ import torch
 
 from tasprune import Shape, count_flops
 from tasprune.search.derive import derive_in_band
-from tasprune.search.space import SearchSpace
+from tasprune.search.space import SearchSpace, used_slots
 from tasprune.search.supernet import SuperNet
 
 
@@ -85,3 +85,27 @@ def test_a_small_overshoot_is_undone_by_the_cheapest_sufficient_move():
     changed = [s for s, (a, b) in enumerate(zip(d.shape.widths, d.argmax.widths)) if a != b]
     assert d.shape.blocks == d.argmax.blocks and changed == [slot]
     assert d.flops <= ratio * full
+
+
+@pytest.mark.parametrize("name", ["resnet14", "resnet20"])
+def test_filling_uses_the_budget_and_never_passes_it(name):
+    net = _net(name)
+    full = count_flops(net.space.full)
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(6):
+        with torch.no_grad():
+            net.width_logits.copy_(torch.randn(net.width_logits.shape, generator=gen) * 3)
+            net.depth_logits.copy_(torch.randn(net.depth_logits.shape, generator=gen) * 3)
+        for ratio in (0.3, 0.6):
+            plain = _derive(net, ratio)
+            filled = derive_in_band(net.space, net.width_logits, net.depth_logits,
+                                    net.width_mask, net.depth_mask, ratio, 0.05, fill=True)
+            assert plain.flops <= filled.flops <= ratio * full
+            # no single widening move still fits under the target
+            wi, di = net.space.indices_of(filled.shape)
+            used = used_slots(filled.shape)
+            for s in used:
+                if wi[s] + 1 < len(net.space.widths[s]):
+                    w = [*wi[:s], wi[s] + 1, *wi[s + 1:]]
+                    bigger = count_flops(net.space.shape(w, di))
+                    assert bigger > ratio * full or bigger <= filled.flops, (trial, s)

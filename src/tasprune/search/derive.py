@@ -16,8 +16,13 @@ learned distributions, one choice at a time:
 3. if still below the band, take the widening move that adds the most FLOPs
    without passing the target, until in the band or no move fits.
 
+4. with `fill` (the default search's), use the rest of the budget: take the widening
+   move that gives up the least log-probability per FLOP gained, as long as one fits
+   under the target (a user who asks for half the FLOPs gets a network of about half,
+   not anywhere in the band).
+
 Step 1 ends at or under the target whenever the space reaches it (if it gets
-stuck it restarts from the smallest shape), and steps 2-3 never pass the target,
+stuck it restarts from the smallest shape), and steps 2-4 never pass the target,
 so the derived shape never exceeds the budget.
 """
 
@@ -52,9 +57,10 @@ def _rows(logits: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
 
 def derive_in_band(space: SearchSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor,
                    width_mask: torch.Tensor, depth_mask: torch.Tensor, ratio: float,
-                   tolerance: float) -> Derived:
+                   tolerance: float, fill: bool = False) -> Derived:
     """The argmax shape, or the closest in-band shape when the argmax is outside the band
-    [ratio - tolerance, ratio] (fractions of the unpruned FLOPs); see the module docstring."""
+    [ratio - tolerance, ratio] (fractions of the unpruned FLOPs); with `fill`, then widened
+    until no widening move fits under the target (see the module docstring)."""
     wlp, dlp = _rows(width_logits, width_mask), _rows(depth_logits, depth_mask)
     full = count_flops(space.full)
     target, low = ratio * full, (ratio - tolerance) * full
@@ -77,6 +83,9 @@ def derive_in_band(space: SearchSpace, width_logits: torch.Tensor, depth_logits:
     if flops < low:
         wi, di, flops = _walk(space, wi, di, flops, wlp, dlp, +1, lambda f: f < low,
                               lambda f: f <= target, greedy_flops=True)
+    if fill:
+        wi, di, flops = _walk(space, wi, di, flops, wlp, dlp, +1, lambda f: True,
+                              lambda f: f <= target)
     shape = space.shape(wi, di)
     return Derived(shape=shape, argmax=argmax, flops=flops, argmax_flops=argmax_flops,
                    adjusted=shape != argmax)

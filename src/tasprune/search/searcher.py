@@ -150,7 +150,9 @@ class SearchConfig:
     "expected" (see arch_step_arch) or "gumbel" (the paper's); entropy_weight: the
     mean entropy's weight in the arch loss at the last step (rising from 0).
     health_images: held-out images on which every epoch measures the argmax shape's
-    accuracy (0 = off).
+    accuracy (0 = off). fill: widen the derived shape until no widening move fits under
+    the target (the moves the distributions are least sure about first); false derives
+    the argmax (moved into the band when outside), as the paper.
     """
 
     flops_ratio: float = 0.5
@@ -185,6 +187,7 @@ class SearchConfig:
     relaxation: str = "expected"
     entropy_weight: float = 1.0
     health_images: int = 2000
+    fill: bool = True
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
@@ -844,7 +847,8 @@ def _finish(loop: SearchLoop, metrics_path: Path) -> SearchResult:
     shape.json and the "derive" metrics line (rank 0)."""
     net, config, shape_full, dist = loop.net, loop.config, loop.shape_full, loop.dist
     derived = derive_in_band(net.space, net.width_logits, net.depth_logits, net.width_mask,
-                             net.depth_mask, config.flops_ratio, config.tolerance)
+                             net.depth_mask, config.flops_ratio, config.tolerance,
+                             fill=config.fill)
     shape = derived.shape
     full = loop.full_flops
     result = SearchResult(
