@@ -91,3 +91,20 @@ def test_accuracy_verdict_and_health_table():
     assert len(table) == 3
     assert table[2] == ("| tas-seed0 | 75.0% / 80.0% (0.94x) | 2.08 -> 0.90 | 0.20 | 0.490 | "
                         "0.550 | yes | [3, 2, 2] |")
+
+
+def test_search_health_reads_a_demo_run(tmp_path):
+    health = _script("search_health").health
+    records = [{"phase": "search", "epoch": e, "target_ratio": 0.5, "expected_ratio": 0.3 + e / 10,
+                "flops_ratio": 0.9 - e / 10, "width_entropy": 2.0 / e, "width_entropy_max": 2.08,
+                "depth_entropy": 0.2, "subnet_acc": 0.7, "teacher_acc": 0.8, "seconds": 10.0}
+               for e in (1, 2)]
+    records.append({"phase": "derive", "tolerance": 0.05, "flops_ratio": 0.49,
+                    "adjusted": True, "blocks": [3, 2, 2]})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "summary.json").write_text(json.dumps({"acc_full": 0.78, "acc_pruned": 0.75}))
+    out = health(tmp_path, 123.4)
+    assert out["expected_ratio"] == 0.5 and out["expected_in_band"]
+    assert out["width_entropy"] == 1.0 and out["width_entropy_halved"]
+    assert out["subnet_vs_teacher"] == 0.875 and out["search_seconds"] == 20.0
+    assert (out["argmax_ratio"], out["derived_ratio"], out["adjusted"]) == (0.7, 0.49, True)
