@@ -11,9 +11,12 @@ the same batch size, as tasprune's trainer runs it on CPU (NCHW).
 `plain_cl_img_per_s` is the same plain training in channels-last memory format
 (the layout the supernet uses internally), for reference. All are timed in
 alternating rounds so machine noise hits each; the ratios of their medians are
-printed as one JSON line per model.
+printed as one JSON line per model. With `--amp bf16|fp16` (on CUDA: `--device cuda`)
+the default search step is also timed under that mixed precision (`search_amp_img_per_s`,
+`amp_speedup` over the fp32 search step).
 
     python benchmarks/search_speed.py --model resnet20 resnet56 --batch 128 --threads 2
+    python benchmarks/search_speed.py --model resnet56 --batch 256 --device cuda --amp bf16
 """
 
 from __future__ import annotations
@@ -41,15 +44,17 @@ def _time(fn: Callable[[], None], steps: int) -> float:
 
 
 def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolution: int,
-          classes: int, seed: int) -> dict[str, object]:
+          classes: int, seed: int, device: str = "cpu", amp: str = "off"
+          ) -> dict[str, object]:
     torch.manual_seed(seed)
+    dev = torch.device(device)
     full = Shape.full(model, num_classes=classes, resolution=resolution)
-    x = torch.randn(batch, 3, resolution, resolution)
-    y = torch.randint(0, classes, (batch,))
-    xv = torch.randn(batch, 3, resolution, resolution)
-    yv = torch.randint(0, classes, (batch,))
+    x = torch.randn(batch, 3, resolution, resolution, device=dev)
+    y = torch.randint(0, classes, (batch,), device=dev)
+    xv = torch.randn(batch, 3, resolution, resolution, device=dev)
+    yv = torch.randint(0, classes, (batch,), device=dev)
 
-    plain = build_model(full).train()
+    plain = build_model(full).train().to(dev)
     p_opt = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9, nesterov=True,
                             weight_decay=5e-4)
 
@@ -59,7 +64,7 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
         loss.backward()
         p_opt.step()
 
-    plain_cl = build_model(full).train().to(memory_format=torch.channels_last)
+    plain_cl = build_model(full).train().to(dev, memory_format=torch.channels_last)
     cl_opt = torch.optim.SGD(plain_cl.parameters(), lr=0.01, momentum=0.9, nesterov=True,
                              weight_decay=5e-4)
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -70,35 +75,57 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
         loss.backward()
         cl_opt.step()
 
-    teacher = build_model(full).eval().to(memory_format=torch.channels_last)
+    teacher = build_model(full).eval().to(dev, memory_format=torch.channels_last)
     full_flops = count_flops(full)
 
-    def searcher(config: SearchConfig, kd: bool) -> Callable[[], None]:
-        net = SuperNet(SearchSpace.from_shape(full), torch.Generator().manual_seed(seed)).train()
+    def searcher(config: SearchConfig, kd: bool, amp: str = "off") -> Callable[[], None]:
+        net = SuperNet(SearchSpace.from_shape(full), torch.Generator().manual_seed(seed))
+        net = net.train().to(dev)
         w_opt = torch.optim.SGD(net.weight_parameters(), lr=config.lr,
                                 momentum=config.momentum, nesterov=True,
                                 weight_decay=config.weight_decay)
         a_opt = torch.optim.Adam(net.arch_parameters(), lr=config.arch_lr,
                                  betas=config.arch_betas, weight_decay=config.arch_weight_decay)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(dev).manual_seed(seed)
+        scalers = tuple(torch.amp.GradScaler(dev.type) for _ in range(2)) if amp == "fp16" else ()
         return lambda: search_step(net, (x, y), (xv, yv), w_opt, a_opt, config, tau, gen,
-                                   full_flops, teacher=teacher if kd else None)
+                                   full_flops, teacher=teacher if kd else None, amp=amp,
+                                   scalers=scalers)
 
     default = searcher(SearchConfig(flops_ratio=0.5, batch_size=batch, seed=seed), kd=True)
     paper = searcher(SearchConfig(flops_ratio=0.5, batch_size=batch, lr=0.1, arch_lr=1e-3,
                                   seed=seed, relaxation="gumbel", kd_alpha=0.0), kd=False)
     steps_of = {"plain": plain_step, "plain_cl": plain_cl_step, "search": default,
                 "paper": paper}
+    if amp != "off":
+        steps_of["search_amp"] = searcher(SearchConfig(flops_ratio=0.5, batch_size=batch,
+                                                       seed=seed), kd=True, amp=amp)
     for fn in steps_of.values():  # warm-up (allocator, oneDNN caches)
         fn()
+
+    def timed(fn: Callable[[], None]) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = _time(fn, steps)
+        if dev.type == "cuda":
+            start = time.perf_counter()
+            torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+        return seconds
+
     seconds: dict[str, list[float]] = {k: [] for k in steps_of}
     for _ in range(rounds):
         for name, fn in steps_of.items():
-            seconds[name].append(_time(fn, steps))
+            seconds[name].append(timed(fn))
     ips = {k: batch * steps / statistics.median(v) for k, v in seconds.items()}
-    ips["search"] *= 2  # both batches of a search step
-    ips["paper"] *= 2
+    for name in ("search", "paper", "search_amp"):
+        if name in ips:
+            ips[name] *= 2  # both batches of a search step
+    extra = {} if amp == "off" else {
+        "amp": amp, "search_amp_img_per_s": round(ips["search_amp"], 1),
+        "amp_speedup": round(ips["search_amp"] / ips["search"], 3)}
     return {
+        "device": str(dev), **extra,
         "model": model, "batch": batch, "threads": torch.get_num_threads(), "tau": tau,
         "steps": steps, "rounds": rounds,
         "search_img_per_s": round(ips["search"], 1), "plain_img_per_s": round(ips["plain"], 1),
@@ -124,11 +151,15 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                        help="also time the search step under this mixed precision")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for model in args.model:
         print(json.dumps(bench(model, args.batch, args.steps, args.rounds, args.tau,
-                               args.resolution, args.classes, args.seed)), flush=True)
+                               args.resolution, args.classes, args.seed, args.device,
+                               args.amp)), flush=True)
 
 
 if __name__ == "__main__":

@@ -331,6 +331,14 @@ CASES = [
                              "--out", "{out}"], ["nowhere.yaml: no such config file"], "out"),
     ("override-unknown-key", ["prune", "train.epochz=3", "--out", "{out}"],
      ["unknown config key train.epochz", "valid keys under train:"], "out"),
+    # integrations: trackers, mixed precision, Hub export
+    ("log-unknown-tracker", ["demo", "--log", "wandb", "--out", "{out}"],
+     ["argument --log: unknown tracker 'wandb'; choose from csv, tensorboard"], "out"),
+    ("search-fp16-on-cpu", ["search", "--model", "resnet8", "--flops-ratio", "0.5", *S,
+                            "--amp", "fp16", "--device", "cpu", "--out", "{out}"],
+     ["search amp fp16 needs a CUDA device"], "out"),
+    ("export-hf-into-the-run", ["export", "{target}", "--format", "hf", "--out", "{target}"],
+     ["is the run directory itself"], "run20"),
     # --resume with nothing to resume
     ("train-resume-nothing", ["train", "--model", "resnet8", *S, "--resume", "--out", "{out}"],
      ["has no train.pt to resume", "run without --resume"], "out"),

@@ -237,8 +237,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="mixed precision (default auto: bf16/fp16 on CUDA, off on CPU)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also write train.pt "
                    "every N optimiser steps (default 0: only at epoch ends)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training steps")
+    _add_log_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_train)
+
+
+def _add_log_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", type=log_sinks, metavar="SINKS", help="also log every metrics "
+                   "record to these trackers, comma-separated: csv (DIR/logs/<phase>.csv), "
+                   "tensorboard (DIR/logs/tensorboard/<phase>/; pip install "
+                   "'tasprune[tensorboard]')")
+
+
+def log_sinks(text: str) -> tuple[str, ...]:
+    from tasprune.tracking import parse_sinks
+
+    try:
+        return parse_sinks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("log: ")) from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -253,8 +271,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
                 "label_smoothing": args.label_smoothing, "kd_alpha": args.kd_alpha,
                 "kd_temperature": args.kd_temperature, "device": args.device, "amp": args.amp,
-                "checkpoint_every": args.checkpoint_every}
+                "checkpoint_every": args.checkpoint_every, "log": args.log}
     config = TrainConfig(epochs=args.epochs, inherit=args.inherit, quiet=args.quiet,
+                         compile=args.compile,
                          **{k: v for k, v in settings.items() if v is not None})
     data = _load_data(args.data, args.quiet)
     shape = load_target_shape(args.model or args.shape, data.num_classes, data.resolution,
@@ -336,6 +355,12 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also write search.pt "
                    "after every N steps, so a stopped or killed search loses less (default 0: "
                    "at epoch ends only; may change on --resume)")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), help="mixed precision "
+                   "of both search steps (default auto: bf16/fp16 on CUDA, off on CPU; the FLOP "
+                   "loss stays in float64)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher's "
+                   "forward (the in-place distillation)")
+    _add_log_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_search)
 
@@ -354,9 +379,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     multiple = 1 if args.channel_multiple is None else args.channel_multiple
     check_budget(SearchSpace.from_shape(full, multiple_of=multiple), args.flops_ratio)
     settings = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device,
-                "checkpoint_every": args.checkpoint_every}
+                "checkpoint_every": args.checkpoint_every, "amp": args.amp, "log": args.log}
     config = SearchConfig(flops_ratio=args.flops_ratio, epochs=args.epochs,
-                          channel_multiple=multiple,
+                          channel_multiple=multiple, compile=args.compile,
                           **{k: v for k, v in settings.items() if v is not None})
     teacher_state = None
     if args.teacher:
@@ -438,14 +463,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="export a trained model to ONNX or TorchScript",
-        description="Export a trained model. Writes --out FILE, by default model.onnx or "
-        "model.torchscript.pt in the run directory (or beside the given weights file). ONNX: "
-        "input 'images' [N, C, H, W] with a dynamic batch, output 'logits'.",
+        help="export a trained model to ONNX, torch.export (.pt2), TorchScript or Hub layout",
+        description="Export a trained model. Writes --out FILE, by default model.onnx, "
+        "model.pt2 or model.torchscript.pt in the run directory (or beside the given weights "
+        "file). ONNX: input 'images' [N, C, H, W] with a dynamic batch, output 'logits'. pt2: "
+        "a torch.export program with a dynamic batch (torch.export.load(FILE).module(), no "
+        "tasprune needed). hf: a directory in Hugging Face Hub layout (model.safetensors, "
+        "shape.json, config.json, README.md model card with the run's summary), by default "
+        "DIR/hub; load it with tasprune.from_pretrained.",
     )
     p.add_argument("path", help="run directory, model.safetensors, or train.pt/best.pt")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
-    p.add_argument("--out", metavar="FILE", help="output file")
+    p.add_argument("--format", required=True, choices=("onnx", "pt2", "torchscript", "hf"))
+    p.add_argument("--out", metavar="FILE", help="output file (a directory for hf)")
     p.set_defaults(func=cmd_export)
 
 
@@ -454,6 +483,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model = load_pruned(args.path)
     path = Path(args.path)
+    if args.format == "hf":
+        from tasprune.hub import run_card_inputs, save_pretrained
+
+        out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "hub"
+        if out.resolve() == (path if path.is_dir() else path.parent).resolve():
+            raise UserError(f"--out {out} is the run directory itself; give a new directory")
+        summary, settings = run_card_inputs(path if path.is_dir() else path.parent)
+        save_pretrained(model, out, summary=summary, settings=settings)
+        print(f"wrote {out}/ (model.safetensors, shape.json, config.json, README.md)")
+        return 0
     out = Path(args.out) if args.out else (
         (path if path.is_dir() else path.parent) / EXPORT_FORMATS[args.format])
     if out.is_dir():
@@ -569,7 +608,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "knowledge distillation (same as train.kd_alpha=0)")
     p.add_argument("--seed", type=int, help="seed of every phase")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N for every phase")
+    _add_log_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _log_override(sinks: tuple[str, ...] | None) -> list[str]:
+    return [] if sinks is None else [f"log=[{','.join(sinks)}]"]
 
 
 def _prune_overrides(args: argparse.Namespace) -> list[str]:
@@ -585,7 +629,7 @@ def _prune_overrides(args: argparse.Namespace) -> list[str]:
             flags.append(f"{phase}.seed={args.seed}")
         if args.device is not None:
             flags.append(f"{phase}.device={args.device}")
-    return flags + list(args.overrides)
+    return flags + _log_override(args.log) + list(args.overrides)
 
 
 def _run_prune(recipe: str | None, overrides: list[str], out: str, quiet: bool) -> int:
@@ -639,13 +683,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    _add_log_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    return _run_prune("demo", list(args.overrides), args.out, args.quiet)
+    return _run_prune("demo", _log_override(args.log) + list(args.overrides), args.out,
+                      args.quiet)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:

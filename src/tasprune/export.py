@@ -1,4 +1,5 @@
-"""The pruned model the user takes away: safetensors + shape, ONNX, TorchScript.
+"""The pruned model the user takes away: safetensors + shape, ONNX, TorchScript, a
+`torch.export` program (.pt2).
 
 The deliverable of a run is `model.safetensors` (the weights, with the shape
 also stored in its metadata) next to `shape.json`. `load_pruned` rebuilds the
@@ -27,7 +28,8 @@ from tasprune.train.checkpoint import CheckpointError, load_checkpoint, load_sta
 WEIGHTS_FILE = "model.safetensors"
 SHAPE_FILE = "shape.json"
 _SHAPE_KEY = "tasprune.shape"
-EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt",
+                  "pt2": "model.pt2"}
 
 
 def save_pruned(out_dir: str | os.PathLike[str], model: ResNet) -> Path:
@@ -147,10 +149,22 @@ def export_torchscript(model: ResNet, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def export_pt2(model: ResNet, path: str | os.PathLike[str]) -> Path:
+    """Write a `torch.export` program with a dynamic batch dimension; it loads with
+    `torch.export.load(path).module()` and needs no tasprune."""
+    path = Path(path)
+    program = torch.export.export(model.eval(), (_example_input(model, 2),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    atomic_write(path, lambda tmp: torch.export.save(program, str(tmp)))
+    return path
+
+
 def export_model(model: ResNet, fmt: str, path: str | os.PathLike[str]) -> Path:
-    """Export in `fmt` ("onnx" or "torchscript") to `path`."""
+    """Export in `fmt` ("onnx", "torchscript" or "pt2") to `path`."""
     if fmt == "onnx":
         return export_onnx(model, path)
     if fmt == "torchscript":
         return export_torchscript(model, path)
+    if fmt == "pt2":
+        return export_pt2(model, path)
     raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(EXPORT_FORMATS)}")

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from tasprune._io import append_jsonl, atomic_write_text, read_json, read_jsonl
+from tasprune._io import atomic_write_text, read_json, read_jsonl
 from tasprune.baselines import check_method_ratio, l1_shape, random_shape, uniform_shape
 from tasprune.config import ConfigError, load_config, save_config, to_dict
 from tasprune.data import load_data
@@ -53,6 +53,7 @@ from tasprune.report import write_report
 from tasprune.search.searcher import SearchConfig, check_budget, search
 from tasprune.search.space import SearchSpace
 from tasprune.shape import Shape
+from tasprune.tracking import check_sinks, log_record
 from tasprune.train.checkpoint import previous_path
 from tasprune.train.trainer import TrainConfig, check_fits_data, resolve_device, train
 
@@ -60,7 +61,7 @@ RECIPES_DIR = Path(__file__).parent / "configs"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 # settings that may change between a run and its resumption
-_RUNTIME_KEYS = {"quiet", "device", "amp", "eval_every", "checkpoint_every"}
+_RUNTIME_KEYS = {"quiet", "device", "amp", "compile", "eval_every", "checkpoint_every", "log"}
 Method = Literal["tas", "uniform", "l1", "random"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 
@@ -77,7 +78,10 @@ class PruneConfig:
     `tasprune.baselines` at search.flops_ratio instead ("random" draws `random_samples`
     shapes from the search space of search.width_ratios/channel_multiple with
     search.seed). "l1" always inherits the teacher's weights (train.inherit is set to
-    true, and saved so in config.yaml): its shape is made of the teacher's filters."""
+    true, and saved so in config.yaml): its shape is made of the teacher's filters.
+
+    log: trackers every phase writes to besides metrics.jsonl ("csv", "tensorboard");
+    when given it replaces the phases' own `log` settings."""
 
     model: str = "resnet20"
     data: str = "demo"
@@ -88,6 +92,7 @@ class PruneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=300))
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     random_samples: int = 1000
+    log: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -97,6 +102,11 @@ class PruneConfig:
                              f"{self.random_samples!r}")
         if self.method == "l1" and not self.train.inherit:
             object.__setattr__(self, "train", dataclasses.replace(self.train, inherit=True))
+        object.__setattr__(self, "log", check_sinks(self.log))
+        if self.log:
+            for phase in ("teacher_train", "search", "train"):
+                object.__setattr__(self, phase, dataclasses.replace(getattr(self, phase),
+                                                                    log=self.log))
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -296,13 +306,13 @@ def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path) -> N
     """shape.json and the "derive" line of a baseline, as the search writes them."""
     shape.save(out / "shape.json")
     flops, full_flops = count_flops(shape), count_flops(full)
-    append_jsonl(out / "metrics.jsonl", {
+    log_record(out / "metrics.jsonl", {
         "phase": "derive", "method": config.method, "epoch": 0, "flops": flops,
         "params": count_params(shape), "full_flops": full_flops,
         "full_params": count_params(full), "target_flops": config.search.flops_ratio * full_flops,
         "flops_ratio": flops / full_flops, "target_ratio": config.search.flops_ratio,
         "blocks": list(shape.blocks),
-    })
+    }, config.log)
 
 
 def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBundle,

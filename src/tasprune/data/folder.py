@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tasprune.data.integrity import DataError, require_dir
 from tasprune.data.source import BatchTransform, DataBundle, index_batches
@@ -87,6 +87,10 @@ class FolderImages:
         self.labels = labels.long()
         self.resolution = resolution
         self.workers = workers
+        self._idle: list[tuple[DataLoader, _PlanSampler]] = []  # loaders between passes
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_idle": []}  # workers get the images, not the loaders
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -126,36 +130,75 @@ class FolderImages:
         plan = index_batches(len(self), batch_size, indices=indices, shuffle=shuffle,
                              generator=generator, drop_last=drop_last)
         base = int(torch.randint(0, 2**62, (1,), generator=generator)) if train else None
-        loader = DataLoader(_BatchDecoder(self, plan, base), batch_size=None, shuffle=False,
-                            num_workers=self.workers, collate_fn=_as_is)
-        for images, labels, error in loader:
-            if error is not None:
-                raise DataError(error)
-            yield images, labels
+        # a pass takes an idle loader (its worker processes live on between passes) or
+        # makes one; two passes at once (the search reads both halves together) use two
+        loader, sampler = self._idle.pop() if self._idle else self._new_loader()
+        sampler.keys = [(tuple(idx.tolist()), base) for idx in plan]
+        try:
+            for images, labels, error in loader:
+                if error is not None:
+                    raise DataError(error)
+                yield images, labels
+        finally:
+            self._idle.append((loader, sampler))
+
+    def _new_loader(self) -> tuple[DataLoader, _PlanSampler]:
+        sampler = _PlanSampler()
+        workers = self.workers > 0
+        loader = DataLoader(_BatchDecoder(self), batch_size=None, sampler=sampler,
+                            num_workers=self.workers, collate_fn=_as_is,
+                            persistent_workers=workers,
+                            prefetch_factor=PREFETCH_BATCHES if workers else None,
+                            pin_memory=torch.cuda.is_available())
+        return loader, sampler
+
+
+PREFETCH_BATCHES = 4  # batches each worker decodes ahead
+
+
+def default_workers() -> int:
+    """Decoding processes when none are asked for: one per CPU this process may use, less
+    one for the training loop, at least 1 and at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(16, cpus - 1))
 
 
 def _as_is(item: object) -> object:
     return item
 
 
-class _BatchDecoder(Dataset):
-    """Item k = batch k of a plan, decoded (runs in DataLoader workers)."""
+class _PlanSampler(Sampler):
+    """The batches of the current pass, as (image indices, crop seed base) keys."""
 
-    def __init__(self, source: FolderImages, plan: list[torch.Tensor], base: int | None) -> None:
-        self.source, self.plan, self.base = source, plan, base
+    def __init__(self) -> None:
+        self.keys: list[tuple[tuple[int, ...], int | None]] = []
+
+    def __iter__(self) -> Iterator[tuple[tuple[int, ...], int | None]]:
+        return iter(self.keys)
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return len(self.keys)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
-        idx = self.plan[k]
+
+class _BatchDecoder(Dataset):
+    """Decodes the batch of a key (image indices, crop seed base); runs in the workers."""
+
+    def __init__(self, source: FolderImages) -> None:
+        self.source = source
+
+    def __getitem__(self, key: tuple[tuple[int, ...], int | None]
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+        idx, base = key
         try:
             images = torch.from_numpy(np.stack([  # numpy: see FolderImages.decode
-                self.source.decode(i, None if self.base is None else _sample_seed(self.base, i))
-                .numpy() for i in idx.tolist()]))
+                self.source.decode(i, None if base is None else _sample_seed(base, i))
+                .numpy() for i in idx]))
         except DataError as exc:  # returned, not raised: a worker's traceback is noise
             return None, None, str(exc)
-        return images, self.source.labels[idx], None
+        return images, self.source.labels[list(idx)], None
 
 
 def _sample_seed(base: int, index: int) -> int:
@@ -181,7 +224,9 @@ def load_folder(root: str | os.PathLike[str], resolution: int = 224, workers: in
                 quiet: bool = True) -> DataBundle:
     """An ImageNet-layout folder (`train/<class>/`, `val/<class>/`) as a bundle.
 
-    `workers` decoding processes (default: up to 4, one per CPU core).
+    `workers` decoding processes (default: `default_workers()`); they persist between
+    passes and decode `PREFETCH_BATCHES` batches ahead each, into pinned memory when
+    CUDA is present.
     """
     root = require_dir(Path(root), "image folder dataset with train/ and val/ inside")
     train_dir = require_dir(root / "train", "training images, one folder per class")
@@ -197,7 +242,7 @@ def load_folder(root: str | os.PathLike[str], resolution: int = 224, workers: in
         raise DataError(f"{eval_dir}: class folder(s) {', '.join(unknown)} have no "
                         f"counterpart in {train_dir}")
     if workers is None:
-        workers = min(4, os.cpu_count() or 1)
+        workers = default_workers()
     splits = []
     for directory in (train_dir, eval_dir):
         paths, labels = _scan(directory, classes, quiet)

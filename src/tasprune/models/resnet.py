@@ -10,6 +10,9 @@ versions.
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -60,3 +63,16 @@ class ResNet(nn.Module):
             x = stage(x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """Save in Hugging Face Hub layout (see `tasprune.hub.save_pretrained`)."""
+        from tasprune.hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], **kwargs: Any) -> ResNet:
+        """Load a local directory or Hub repository (see `tasprune.hub.from_pretrained`)."""
+        from tasprune.hub import from_pretrained
+
+        return from_pretrained(name_or_path, **kwargs)

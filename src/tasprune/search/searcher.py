@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from tasprune._io import append_jsonl, drop_records, read_jsonl
+from tasprune._io import drop_records, read_jsonl
 from tasprune.config import from_dict, to_dict
 from tasprune.data.source import DataBundle, per_class_split
 from tasprune.dist import (
@@ -103,6 +103,7 @@ from tasprune.search.sampling import SCHEDULES, entropy, mean_entropy, tau_at
 from tasprune.search.space import DEFAULT_RATIOS, SearchSpace
 from tasprune.search.supernet import Arch, SuperNet
 from tasprune.shape import Shape
+from tasprune.tracking import check_sinks, log_record
 from tasprune.train.checkpoint import (
     CheckpointError,
     load_latest,
@@ -113,8 +114,9 @@ from tasprune.train.checkpoint import (
 )
 from tasprune.train.distill import DistillConfig, distill_loss, teacher_logits
 from tasprune.train.inherit import reorder_channels, taylor_importance
+from tasprune.train.loop import autocast_for
 from tasprune.train.optim import WarmupCosine, make_sgd
-from tasprune.train.trainer import check_fits_data, resolve_device
+from tasprune.train.trainer import AMP_CHOICES, check_fits_data, resolve_amp, resolve_device
 
 CHECKPOINT = "search.pt"
 METRICS = "metrics.jsonl"
@@ -153,6 +155,13 @@ class SearchConfig:
     accuracy (0 = off). fill: widen the derived shape until no widening move fits under
     the target (the moves the distributions are least sure about first); false derives
     the argmax (moved into the band when outside), as the paper.
+
+    Where and how it runs (none of these change the result on the CPU; each may change
+    on resume): device; amp: mixed precision of both steps' forward and backward,
+    "auto" (bf16 on CUDA where supported, else fp16; off on the CPU), "off", "bf16" or
+    "fp16" (the FLOP loss stays in float64); compile: `torch.compile` the teacher's
+    forward (the supernet changes shape every step, which compiling would retrace);
+    log: trackers besides metrics.jsonl ("csv", "tensorboard"; see tasprune.tracking).
     """
 
     flops_ratio: float = 0.5
@@ -188,6 +197,9 @@ class SearchConfig:
     entropy_weight: float = 1.0
     health_images: int = 2000
     fill: bool = True
+    amp: str = "auto"
+    compile: bool = False
+    log: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
@@ -240,6 +252,9 @@ class SearchConfig:
             fail("entropy_weight", "must be a number >= 0 (0: no entropy term)")
         if self.nesterov and self.momentum == 0:
             fail("momentum", "Nesterov momentum needs momentum > 0 (or set nesterov false)")
+        if self.amp not in AMP_CHOICES:
+            fail("amp", f"expected one of {', '.join(AMP_CHOICES)}")
+        object.__setattr__(self, "log", check_sinks(self.log))
         object.__setattr__(self, "width_ratios", tuple(float(r) for r in self.width_ratios))
         object.__setattr__(self, "arch_betas", tuple(float(b) for b in self.arch_betas))
 
@@ -331,6 +346,29 @@ def _loss_value(loss: torch.Tensor) -> float:
     return value if not math.isfinite(value) else float("nan")
 
 
+def _backward_agreed(loss: torch.Tensor, opt: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, dist: Dist,
+                     params: Sequence[torch.nn.Parameter], stop: bool = False
+                     ) -> tuple[bool, bool]:
+    """Backward (scaled when `scaler`, then unscaled), gradients averaged over ranks;
+    returns (a rank's loss was not finite, a rank asked to stop)."""
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    return _average_and_agree(dist, params, loss, stop)
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """The step (skipped by the scaler when fp16 gradients overflowed)."""
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+
+
 @dataclass(frozen=True)
 class StepOut:
     """What one search step reports: the FLOP loss (None for a weight-only step),
@@ -383,7 +421,8 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
                 generator: torch.Generator | None, full_flops: int, *,
                 teacher: nn.Module | None = None, arch_step: bool = True,
                 entropy_weight: float = 0.0, argmax_weight: float = 1.0,
-                dist: Dist | None = None, stop: bool = False, at: tuple[int, int] = (0, 0)
+                dist: Dist | None = None, stop: bool = False, at: tuple[int, int] = (0, 0),
+                amp: str = "off", scalers: Sequence[torch.amp.GradScaler] = ()
                 ) -> StepOut:
     """(1) SGD on the weights with a train batch (`weight_loss`), then, when `arch_step`,
     (2) Adam on the logits with a valid batch (CE + lambda * FLOP loss); fresh Gumbel
@@ -394,26 +433,32 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
     Under `dist` the gradients are averaged over ranks before each optimiser step,
     and `stop` (this rank's stop request) is agreed with the other ranks. A NaN/inf
     loss on any rank raises `NonFiniteLoss` (at = 1-based epoch and step) before
-    its optimiser step."""
+    its optimiser step.
+
+    `amp` ("off", "bf16", "fp16") runs both forwards under autocast; the FLOP loss and
+    the entropy stay in float32/float64 outside it. With fp16, `scalers` (one
+    GradScaler per optimiser) scale each loss before its backward."""
     dist = dist or Dist()
     (xt, yt), (xv, yv) = train, valid
     weights, arch = net.weight_parameters(), net.arch_parameters()
+    w_scaler, a_scaler = scalers if scalers else (None, None)
     with _grad_only(weights, arch):
-        out_t = net(xt, weight_step_arch(net, config, tau, generator))
-        loss_t = weight_loss(out_t, yt, xt, teacher, config)
+        with autocast_for(amp, xt.device):
+            out_t = net(xt, weight_step_arch(net, config, tau, generator))
+            loss_t = weight_loss(out_t, yt, xt, teacher, config)
         w_opt.zero_grad(set_to_none=True)
-        loss_t.backward()
-        bad, stop = _average_and_agree(dist, weights, loss_t, stop)
+        bad, stop = _backward_agreed(loss_t, w_opt, w_scaler, dist, weights, stop)
         if bad:
             raise NonFiniteLoss("search", *at, _loss_value(loss_t))
-        w_opt.step()
+        _optimizer_step(w_opt, w_scaler)
     fl = None
     zero = loss_t.new_zeros((), dtype=torch.float64)
     valid_stats = [zero] * 5
     if arch_step:
         with _grad_only(arch, weights):
-            out_v = net(xv, arch_step_arch(net, config, tau, generator))
-            loss_v = F.cross_entropy(out_v, yv)
+            with autocast_for(amp, xv.device):
+                out_v = net(xv, arch_step_arch(net, config, tau, generator))
+                loss_v = F.cross_entropy(out_v, yv).float()
             fl = supernet_flop_loss(net, config.flops_ratio, config.tolerance, full_flops,
                                     argmax_weight)
             loss_a = loss_v + config.flop_weight * fl.loss
@@ -422,11 +467,10 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
                     entropy(net.width_logits, net.width_mask)
                     + entropy(net.depth_logits, net.depth_mask))
             a_opt.zero_grad(set_to_none=True)
-            loss_a.backward()
-            bad, _ = _average_and_agree(dist, arch, loss_a)
+            bad, _ = _backward_agreed(loss_a, a_opt, a_scaler, dist, arch)
             if bad:
                 raise NonFiniteLoss("search", *at, _loss_value(loss_a))
-            a_opt.step()
+            _optimizer_step(a_opt, a_scaler)
         with torch.no_grad():
             valid_stats = [loss_v.double() * len(yv), (out_v.argmax(1) == yv).sum().double(),
                            zero + len(yv), fl.loss.double().to(zero.device), zero + 1]
@@ -530,6 +574,8 @@ class SearchLoop:
     stop: StopRequest = field(default_factory=lambda: StopRequest(enabled=False))
     resume_at: _EpochRun | None = None  # a mid-epoch checkpoint's epoch, for search_epoch
     stopped: bool = False  # a stop was agreed at the last step of an epoch
+    amp: str = "off"  # resolved: "off", "bf16" or "fp16"
+    scalers: tuple[torch.amp.GradScaler, ...] = ()  # (weights, architecture) with fp16
 
     @property
     def warmup_steps(self) -> int:
@@ -642,16 +688,20 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
     net.train()
     bar = progress(batches, total=loop.steps - first, desc=f"search {epoch + 1}/{cfg.epochs}",
                    quiet=quiet)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
     for step, ((xt, yt), (xv, yv)) in enumerate(bar, start=first):
-        xt = data.transform(xt.to(device), train=True, generator=run.train_aug)
-        xv = data.transform(xv.to(device), train=True, generator=run.valid_aug)
+        xt = data.transform(xt.to(device, non_blocking=True), train=True,
+                            generator=run.train_aug).contiguous(memory_format=memory_format)
+        xv = data.transform(xv.to(device, non_blocking=True), train=True,
+                            generator=run.valid_aug).contiguous(memory_format=memory_format)
         tau = loop.tau(epoch, step)
         out = search_step(net, (xt, yt.to(device)), (xv, yv.to(device)), loop.w_opt,
                           loop.a_opt, cfg, tau, run.gumbel, loop.full_flops,
                           teacher=loop.teacher_net, arch_step=loop.is_arch_step(epoch, step),
                           entropy_weight=loop.entropy_weight(epoch, step),
                           argmax_weight=loop.argmax_weight(epoch, step), dist=dist,
-                          stop=loop.stop.requested, at=(epoch + 1, step + 1))
+                          stop=loop.stop.requested, at=(epoch + 1, step + 1),
+                          amp=loop.amp, scalers=loop.scalers)
         loop.w_sched.step()
         run.add(out)
         if not quiet and step % 20 == 0:
@@ -773,6 +823,9 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
             f"{min(len(train_idx), len(valid_idx))}"
         )
     device = resolve_device(config.device)
+    amp = resolve_amp(config.amp, device)
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("search amp fp16 needs a CUDA device; use amp bf16 or off")
     owns_group = launched_by_torchrun() and not torch_dist.is_initialized()
     dist = init_from_env(device.type)
     try:
@@ -800,11 +853,16 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
         a_opt = torch.optim.Adam(net.arch_parameters(), lr=arch_lr(config, steps),
                                  betas=config.arch_betas, weight_decay=config.arch_weight_decay)
         w_sched = WarmupCosine(w_opt, total_steps=config.epochs * steps)
+        distil_from = teacher_net if config.kd_alpha > 0 else None
+        if distil_from is not None and config.compile:
+            distil_from = torch.compile(distil_from)
         loop = SearchLoop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
                           count_flops(shape_full), steps, out, shape_full,
                           teacher=teacher_state is not None, dist=dist,
-                          teacher_net=teacher_net if config.kd_alpha > 0 else None,
-                          health=health if config.health_images > 0 else None)
+                          teacher_net=distil_from,
+                          health=health if config.health_images > 0 else None, amp=amp,
+                          scalers=tuple(torch.amp.GradScaler(device.type) for _ in range(2))
+                          if amp == "fp16" else ())
         start = _restore(ckpt_path, shape_full, config, loop) if resume else 0
         quiet = quiet or not dist.is_main
         if dist.is_main:
@@ -815,7 +873,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
             for epoch in range(start, config.epochs):
                 record = search_epoch(loop, epoch, quiet)
                 if dist.is_main:
-                    append_jsonl(metrics_path, record)
+                    log_record(metrics_path, record, config.log, distributions(net))
                 loop.save(epoch + 1)
                 if not quiet:
                     tqdm.write(_epoch_line(record, config), file=sys.stderr)
@@ -825,6 +883,19 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     finally:
         if owns_group and torch_dist.is_initialized():
             leave_process_group()
+
+
+def distributions(net: SuperNet) -> dict[str, tuple[tuple[int, ...], list[float]]]:
+    """Every width slot's and stage depth's distribution: tag -> (choices, probabilities),
+    for the trackers' histograms."""
+    out = {}
+    for kind, logits, mask, values in (
+            ("width/slot", net.width_logits, net.width_mask, net.space.widths),
+            ("depth/stage", net.depth_logits, net.depth_mask, net.space.depths)):
+        probs = torch.softmax(logits.detach().masked_fill(~mask, float("-inf")), -1)
+        for i, choices in enumerate(values):
+            out[f"{kind}{i:02d}"] = (choices, probs[i, :len(choices)].tolist())
+    return out
 
 
 def _epoch_line(record: dict[str, Any], config: SearchConfig) -> str:
@@ -872,13 +943,14 @@ def _finish(loop: SearchLoop, metrics_path: Path) -> SearchResult:
         }
         if loop.health is not None:
             record.update(loop.health.measure(net, shape))
-        append_jsonl(metrics_path, record)
+        log_record(metrics_path, record, config.log)
     dist.barrier()
     return result
 
 
-# settings a resume may change: where it runs and how often it checkpoints
-_RESUMABLE_CHANGES = ("device", "checkpoint_every")
+# settings a resume may change: where and how fast it runs, how often it checkpoints, where
+# its metrics go
+_RESUMABLE_CHANGES = ("device", "checkpoint_every", "amp", "compile", "log")
 
 
 def _restore(path: Path, shape_full: Shape, config: SearchConfig, loop: SearchLoop) -> int:

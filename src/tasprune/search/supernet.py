@@ -148,7 +148,16 @@ class ChoiceBN(nn.Module):
         self.register_buffer("running_var", torch.ones(len(choices), channels))
 
     def forward(self, y: torch.Tensor, choice: Choice) -> torch.Tensor:
-        """BN of every candidate on its first channels, resized to c_max, mixed."""
+        """BN of every candidate on its first channels, resized to c_max, mixed.
+
+        Always in float32: under mixed precision the statistics and the mixing stay
+        exact, and the next conv casts back down."""
+        if torch.is_autocast_enabled(y.device.type):
+            with torch.autocast(y.device.type, enabled=False):
+                return self._forward(y.float(), choice)
+        return self._forward(y, choice)
+
+    def _forward(self, y: torch.Tensor, choice: Choice) -> torch.Tensor:
         c_max = y.shape[1]
         if choice.weights is None:
             j = choice.rows[0]

@@ -125,10 +125,15 @@ class EpochControl:
 
 def autocast(options: LoopOptions) -> contextlib.AbstractContextManager[object]:
     """The mixed-precision context for `options.amp` (a no-op when off)."""
-    if options.amp == "off":
+    return autocast_for(options.amp, options.device)
+
+
+def autocast_for(amp: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """The mixed-precision context of `amp` ("off", "bf16", "fp16") on `device`."""
+    if amp == "off":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if options.amp == "bf16" else torch.float16
-    return torch.autocast(device_type=options.device.type, dtype=dtype)
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform,

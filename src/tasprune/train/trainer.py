@@ -58,7 +58,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from tasprune._io import append_jsonl, drop_records, read_jsonl
+from tasprune._io import drop_records, read_jsonl
 from tasprune.config import save_config, to_dict
 from tasprune.data.source import DataBundle
 from tasprune.dist import (
@@ -73,6 +73,7 @@ from tasprune.faults import Interrupted, StopRequest
 from tasprune.flops import count_flops, count_params
 from tasprune.models import ResNet, build_model
 from tasprune.shape import Shape
+from tasprune.tracking import check_sinks, log_record
 from tasprune.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -101,8 +102,9 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
 _CHECKPOINT_KIND = "tasprune.train"
 # settings that may change when resuming (they do not change what is computed on CPU)
-_RESUME_MAY_CHANGE = frozenset({"quiet", "device", "amp", "eval_every", "checkpoint_every"})
-_AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+_RESUME_MAY_CHANGE = frozenset({"quiet", "device", "amp", "compile", "eval_every",
+                                "checkpoint_every", "log"})
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class TrainConfig:
     eval_every: evaluate on the test split every N epochs (and always after the last).
     checkpoint_every: also write train.pt every N optimiser steps of the run (0: only at
         epoch ends), so that a killed run loses at most N steps.
+    compile: `torch.compile` the model for the training steps (evaluation and the saved
+        weights use the plain module).
+    log: trackers besides metrics.jsonl ("csv", "tensorboard"; see tasprune.tracking).
     batch_size is the global batch: under torchrun each of the W processes runs
         batch_size / W images per step.
     """
@@ -136,9 +141,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
+    compile: bool = False
     eval_every: int = 1
     checkpoint_every: int = 0
     quiet: bool = False
+    log: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -155,8 +162,9 @@ class TrainConfig:
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0: only at epoch ends), "
                              f"got {self.checkpoint_every}")
-        if self.amp not in _AMP_CHOICES:
-            raise ValueError(f"amp must be one of {_AMP_CHOICES}, got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        object.__setattr__(self, "log", check_sinks(self.log))
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -343,10 +351,10 @@ def _train(shape: Shape, data: DataBundle, config: TrainConfig, out: Path,
             teacher_eval = evaluate(teacher, data.test, data.transform,
                                     dataclasses.replace(options, desc="teacher"), dist=dist)
             if dist.is_main:
-                append_jsonl(out / METRICS_FILE, {"phase": "teacher", "epoch": 0,
-                                                  "test_loss": teacher_eval["loss"],
-                                                  "test_acc": teacher_eval["acc"],
-                                                  "test_top5": teacher_eval["top5"]})
+                log_record(out / METRICS_FILE, {"phase": "teacher", "epoch": 0,
+                                                "test_loss": teacher_eval["loss"],
+                                                "test_acc": teacher_eval["acc"],
+                                                "test_top5": teacher_eval["top5"]}, config.log)
 
     def save_mid_epoch(epoch: int, progress: EpochProgress) -> str:
         _on_main(dist, device, lambda: save_checkpoint(ckpt_path, checkpoint(epoch, progress),
@@ -357,6 +365,8 @@ def _train(shape: Shape, data: DataBundle, config: TrainConfig, out: Path,
     if dist.enabled:
         net = DistributedDataParallel(model, device_ids=[device.index]
                                       if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
     record: dict[str, Any] = {}
     with StopRequest() as stop:
         for epoch in range(start_epoch, config.epochs):
@@ -388,7 +398,7 @@ def _train(shape: Shape, data: DataBundle, config: TrainConfig, out: Path,
                 best = {"test_acc": record["test_acc"], "epoch": epoch + 1}
 
             def write_epoch() -> None:
-                append_jsonl(out / METRICS_FILE, record)
+                log_record(out / METRICS_FILE, record, config.log)
                 if improved:
                     save_checkpoint(out / BEST_FILE, {"kind": "tasprune.best",
                                                       "model": _cpu_state(model),
