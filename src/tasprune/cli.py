@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import sys
@@ -240,7 +241,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the training steps")
     _add_log_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, writes_run="train")
 
 
 def _add_log_argument(p: argparse.ArgumentParser) -> None:
@@ -362,7 +363,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                    "forward (the in-place distillation)")
     _add_log_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.set_defaults(func=cmd_search)
+    p.set_defaults(func=cmd_search, writes_run="search")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -480,6 +481,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tasprune.export import EXPORT_FORMATS, export_model, load_pruned
+    from tasprune.rundir import check_export_target
 
     model = load_pruned(args.path)
     path = Path(args.path)
@@ -495,6 +497,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else (
         (path if path.is_dir() else path.parent) / EXPORT_FORMATS[args.format])
+    check_export_target(path, out)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name, e.g. "
                         f"{out / EXPORT_FORMATS[args.format]}")
@@ -588,7 +591,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "(dotted keys, e.g. search.epochs=20 train.batch_size=64).",
     )
     _add_run_arguments(p)
-    p.set_defaults(func=cmd_prune, method=None)
+    p.set_defaults(func=cmd_prune, method=None, writes_run="prune")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -669,7 +672,7 @@ def _add_baseline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, choices=BASELINE_METHODS,
                    help="how the pruned shape is chosen")
     _add_run_arguments(p)
-    p.set_defaults(func=cmd_prune)
+    p.set_defaults(func=cmd_prune, writes_run="prune")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -685,7 +688,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     _add_log_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, writes_run="prune")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -740,9 +743,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_command(args: argparse.Namespace, rank: int | None) -> int:
+    """Run the command; one that writes a run directory first checks that the directory
+    holds no other kind of run and locks it while it runs (rank 0 alone under torchrun)."""
+    from tasprune.rundir import check_kind, run_lock
+
+    kind = getattr(args, "writes_run", None)
+    if kind is None:
+        return args.func(args)
+    if kind == "prune" and args.command == "demo":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    check_out_dir(args.out)
+    check_kind(args.out, kind)
+    with run_lock(args.out, enabled=not rank):
+        return args.func(args)
+
+
+_OS_ADVICE = {
+    errno.EROFS: "the file system is read-only; choose an --out on a writable one",
+    errno.EACCES: "permission denied; choose an --out you can write to",
+    errno.EPERM: "permission denied; choose an --out you can write to",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one line: the file, what happened and what to do."""
+    if exc.filename is None:
+        return exc.strerror or str(exc)
+    advice = _OS_ADVICE.get(exc.errno or 0, exc.strerror or str(exc))
+    return f"{exc.filename}: {advice}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may stand on both sides of the flags (argparse takes only one run
+    # of a positional list); anything else left over is an error, as parse_args makes it
+    if extra and hasattr(args, "overrides") and all(
+            "=" in item and not item.startswith("-") for item in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.parse_args(argv)  # exits with argparse's own message
     rank = env_rank()
 
     def say(message: str) -> None:
@@ -752,9 +793,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tasprune {args.command}{where}: {message}", file=sys.stderr)
 
     try:
-        return int(args.func(args) or 0)
+        return int(_run_command(args, rank) or 0)
     except (UserError, ValueError, FileNotFoundError) as exc:
         say(f"error: {exc}")
+        return 2
+    except OSError as exc:  # read-only or full file system, permissions: one line
+        say(f"error: {os_error_line(exc)}")
         return 2
     except NonFiniteLoss as exc:
         say(f"error: {exc}")
