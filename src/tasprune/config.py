@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -41,7 +42,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
             f"unknown config key {where}{unknown[0]}; valid keys"
             f"{' under ' + prefix if prefix else ''}: {', '.join(sorted(fields))}"
         )
-    kwargs = {name: _convert(hints[name], value, _join(prefix, name))
+    kwargs = {name: _convert(hints[name], _over_default(fields[name], value, _join(prefix, name)),
+                             _join(prefix, name))
               for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -49,6 +51,21 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix + ': ' if prefix else ''}{exc}") from None
+
+
+def _over_default(f: dataclasses.Field[Any], value: Any, key: str) -> Any:
+    """A section (a dataclass-valued field) given as a mapping: its keys over the section's
+    default, so `teacher_train.seed=0` keeps the default epochs. A section given as null
+    or as a non-mapping is an error naming it."""
+    if f.default_factory is dataclasses.MISSING and f.default is dataclasses.MISSING:
+        return value
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if not (dataclasses.is_dataclass(default) and not isinstance(default, type)):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of {key} settings (e.g. {key}.epochs=3), "
+                          f"got {value!r}")
+    return _merge(to_dict(default), value)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -96,18 +113,25 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None,
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys")
         data = _merge(data, loaded)
-    data = apply_overrides(data, overrides)
-    where = f"{path}: " if path is not None else ""
+    combined = apply_overrides(data, overrides)
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, combined)
     except ConfigError as exc:
-        raise ConfigError(f"{where}{exc}") from None
+        if path is None:
+            raise
+        try:  # the recipe alone is fine: an override is to blame, and the error names it
+            from_dict(cls, data)
+        except ConfigError:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"override: {exc}") from None
 
 
 def save_config(config: Any, path: str | os.PathLike[str]) -> None:
@@ -154,6 +178,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, str):
+        value = _number(value)  # YAML 1.1 reads 1e-3 (no dot) as text
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -173,7 +199,20 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {_name(hint)}")
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number(text: str) -> Any:
+    """`text` as an int or float when it is a plain decimal number (1e-3, 5E4, -2.5),
+    else unchanged."""
+    text = text.strip()
+    if not _NUMBER.fullmatch(text):
+        return text
+    number = float(text)
+    return int(number) if number.is_integer() and not re.search(r"[.eE]", text) else number
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
     """A YAML error on one line: what is wrong and where (PyYAML's own text spans lines)."""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     mark = getattr(exc, "problem_mark", None)
