@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,14 +23,32 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     tmp = Path(name)
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # mkstemp makes 0600; a model file should read like any other
     try:
         write(tmp)
+        # mkstemp makes 0600, and a writer may recreate the file (safetensors does): set
+        # the mode after writing, so a model file reads like any other
+        tmp.chmod(0o666 & ~umask)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a full disk as a RuntimeError of its stream writer
+        full = (getattr(exc, "errno", None) == errno.ENOSPC
+                or (isinstance(exc, RuntimeError) and _nearly_full(path.parent)))
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path} "
+                          f"(the previous {path.name}, if any, is unchanged); free some space "
+                          "and run the command again") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _nearly_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 1 << 20
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -70,9 +90,18 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All records of a JSON-lines file; a torn last line (crash mid-write) is skipped."""
+    """All records of a JSON-lines file; a torn last line (crash mid-write) is skipped, a
+    missing file has none, and one that is not UTF-8 text is a ValueError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return []
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (damaged?); restore it or delete it "
+                         "(a run then loses its metrics history)") from None
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

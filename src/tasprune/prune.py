@@ -27,6 +27,7 @@ same summary.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -40,8 +41,8 @@ import yaml
 
 from tasprune._io import atomic_write_text, read_json, read_jsonl
 from tasprune.baselines import check_method_ratio, l1_shape, random_shape, uniform_shape
-from tasprune.config import ConfigError, load_config, save_config, to_dict
-from tasprune.data import load_data
+from tasprune.config import ConfigError, load_config, save_config, to_dict, yaml_problem
+from tasprune.data import load_data, same_data
 from tasprune.data.source import DataBundle
 from tasprune.dist import init_from_env
 from tasprune.evaluation import evaluate_model
@@ -60,6 +61,7 @@ from tasprune.train.trainer import TrainConfig, check_fits_data, resolve_device,
 RECIPES_DIR = Path(__file__).parent / "configs"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+MARKER_FILE = "run.json"  # kind of run and the hash of the config.yaml it wrote
 # settings that may change between a run and its resumption
 _RUNTIME_KEYS = {"quiet", "device", "amp", "compile", "eval_every", "checkpoint_every", "log"}
 Method = Literal["tas", "uniform", "l1", "random"]
@@ -134,11 +136,33 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
-            if key in _RUNTIME_KEYS:
+            if key in _RUNTIME_KEYS or (key == "data" and isinstance(old.get(key), str)
+                                        and isinstance(new.get(key), str)
+                                        and same_data(old[key], new[key])):
                 continue
             out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_saved_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml as a mapping; a damaged one is a ConfigError naming it."""
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        problem = (yaml_problem(exc) if isinstance(exc, yaml.YAMLError)
+                   else "not UTF-8 text")
+        raise ConfigError(f"{path}: the run's saved settings are damaged ({problem}); "
+                          "restore the file, or choose another --out") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the run's saved settings are damaged (expected a mapping "
+                          f"of settings, got {type(data).__name__}); restore the file, or "
+                          "choose another --out")
+    return data
 
 
 def _log(quiet: bool, message: str) -> None:
@@ -212,16 +236,29 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
                       in_channels=data.in_channels, resolution=data.resolution)
     saved = out / CONFIG_FILE
     if saved.is_file():
-        diff = _differences(yaml.safe_load(saved.read_text()), to_dict(config))
+        marker = out / MARKER_FILE
+        if marker.is_file() and read_json(marker).get("config_sha256") != _sha256(saved):
+            raise ConfigError(f"{saved} was edited after the run wrote it, so it no longer "
+                              "describes the run's results; restore it, or choose another "
+                              "--out for new settings")
+        diff = _differences(_read_saved_config(saved), to_dict(config))
         if diff:
             raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diff[:3])}); "
                               "choose another --out, or delete the directory to start over")
     # every check that can fail comes before the first file is written and the first epoch
+    for phase in ("teacher_train", "search", "train"):
+        try:
+            resolve_device(getattr(config, phase).device)
+        except ValueError as exc:
+            raise ValueError(f"{phase}.{exc}") from None
     check_reachable(config, full)
     given = _given_teacher(config, full, data)
     if dist.is_main:
         out.mkdir(exist_ok=True)
-        save_config(config, saved)
+        if not saved.is_file():  # written once: a rerun (settings equal but for runtime
+            save_config(config, saved)  # ones) writes nothing, even on a read-only share
+            atomic_write_text(out / MARKER_FILE, json.dumps(
+                {"kind": "prune", "config_sha256": _sha256(saved)}) + "\n")
     dist.barrier()
 
     if given is not None:
@@ -229,9 +266,14 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     teacher = given if given is not None else _teacher(config, full, data, out, quiet)
     metrics = out / "metrics.jsonl"
     phase = "search" if config.method == "tas" else "shape"
-    if _has_phase(metrics, "derive") and (out / "shape.json").is_file():
+    trained = (out / "model.safetensors").is_file() and (out / "train.pt").is_file()
+    if (out / "shape.json").is_file() and (_has_phase(metrics, "derive") or trained):
+        # a trained model's shape is never derived again (its metrics may be lost)
         shape = Shape.load(out / "shape.json")
         _log(quiet, f"{phase}: done ({out / 'shape.json'}), skipping")
+        if not metrics.is_file():
+            print(f"[tasprune] warning: {metrics} is missing; the report will lack the "
+                  "search and training curves", file=sys.stderr)
     elif config.method != "tas":
         _log(quiet, f"shape: the {config.method} baseline at {config.search.flops_ratio} of "
              "the FLOPs")
@@ -273,8 +315,10 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
             _log(quiet, "eval: test accuracy and CPU latency of the unpruned and pruned nets")
             summary = summarize(config, teacher, model, data, quiet)
             atomic_write_text(summary_path, json.dumps(summary, indent=1) + "\n")
-        write_report(out)
-        _log(quiet, f"report: {out / 'report.md'}")
+        report = out / "report.md"
+        if not report.is_file() or report.stat().st_mtime < summary_path.stat().st_mtime:
+            write_report(out)
+        _log(quiet, f"report: {report}")
     dist.barrier()
     return read_json(summary_path)
 
