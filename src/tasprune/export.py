@@ -59,9 +59,19 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _shape_for_weights(path: Path, meta: dict[str, str]) -> Shape:
-    if _SHAPE_KEY in meta:
-        return Shape.from_dict(json.loads(meta[_SHAPE_KEY]))
     beside = path.parent / SHAPE_FILE
+    if _SHAPE_KEY in meta:
+        try:
+            shape = Shape.from_dict(json.loads(meta[_SHAPE_KEY]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{path}: the shape in its metadata is damaged ({exc}); "
+                                  f"remove the file or rewrite it from the run") from None
+        if beside.is_file() and Shape.load(beside) != shape:
+            raise CheckpointError(f"{path}: its metadata holds another shape than "
+                                  f"{beside} ({shape.describe()} vs "
+                                  f"{Shape.load(beside).describe()}); the two files come "
+                                  "from different runs: put the matching shape.json beside it")
+        return shape
     if beside.is_file():
         return Shape.load(beside)
     raise FileNotFoundError(f"{path}: no shape in its metadata and no {SHAPE_FILE} beside it; "
@@ -94,6 +104,12 @@ def load_pruned(path: str | os.PathLike[str], device: str | torch.device = "cpu"
             raise CheckpointError(f"{path}: not a tasprune training checkpoint (it has no "
                                   "'shape' and 'model' entries)")
         shape, state = Shape.from_dict(ckpt["shape"]), ckpt["model"]
+    bad = next((k for k, v in state.items() if v.is_floating_point()
+                and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first in "
+                              f"{bad!r}); the training that wrote them diverged: retrain, or "
+                              "load an earlier checkpoint (best.pt)")
     model = build_model(shape)
     load_state_checked(model, state, str(path))
     return model.to(device).eval()

@@ -181,6 +181,9 @@ MODELS: dict[str, tuple[str, str, tuple[int, ...]]] = {
     "resnet101": ("imagenet_resnet", "bottleneck", (3, 4, 23, 3)),
     "resnet152": ("imagenet_resnet", "bottleneck", (3, 8, 36, 3)),
 }
+# deeper stages than this cannot be built in any memory (ResNet-1202, the deepest
+# published CIFAR ResNet, has 200): refuse them before building anything
+MAX_BLOCKS_PER_STAGE = 1000
 _GENERIC_HELP = (
     "small-image ResNets of any depth are also available as 'cifar-resnet<D>' "
     "(basic blocks, D = 6n+2) and 'cifar-resnet<D>-bottleneck' (D = 9n+2)"
@@ -200,6 +203,11 @@ def resolve_model(name: str) -> tuple[str, str, tuple[int, ...]]:
         if digits.isdigit():
             depth = int(digits)
             n, rem = divmod(depth - 2, 3 * per_block)
+            if n > MAX_BLOCKS_PER_STAGE:
+                raise ValueError(
+                    f"model {name!r}: depth {depth} means {n} blocks per stage; at most "
+                    f"{MAX_BLOCKS_PER_STAGE} can be built (depth "
+                    f"{3 * per_block * MAX_BLOCKS_PER_STAGE + 2})")
             if n >= 1 and rem == 0:
                 return ("cifar_resnet", block, (n, n, n))
             raise ValueError(

@@ -20,6 +20,7 @@ from tasprune._io import atomic_write_text, read_json
 from tasprune.families import (
     BLOCK_TYPES,
     FAMILIES,
+    MAX_BLOCKS_PER_STAGE,
     Skeleton,
     build_skeleton,
     full_widths,
@@ -71,6 +72,9 @@ class Shape:
             object.__setattr__(self, name, value)
         spec = FAMILIES[self.family]
         n_stages = len(spec.stage_planes)
+        if any(d > MAX_BLOCKS_PER_STAGE for d in self.depths):
+            raise ValueError(f"Shape.depths: at most {MAX_BLOCKS_PER_STAGE} blocks per stage "
+                             f"can be built, got {list(self.depths)}")
         if len(self.depths) != n_stages or any(d < 1 for d in self.depths):
             raise ValueError(
                 f"Shape.depths: a {self.family} has {n_stages} stages of at least one block, "

@@ -79,6 +79,18 @@ def parse_spec(spec: str) -> DataSpec:
     return DataSpec(kind, path, options)
 
 
+def same_data(a: str, b: str) -> bool:
+    """Whether two `--data` specs read the same images: equal but for options that only
+    change how fast they load (`workers`)."""
+    try:
+        x, y = parse_spec(a), parse_spec(b)
+    except DataError:
+        return a == b
+    def strip(options: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in options.items() if k != "workers"}
+    return (x.kind, x.path, strip(x.options)) == (y.kind, y.path, strip(y.options))
+
+
 def load_data(spec: str = "demo", *, resolution: int | None = None, workers: int | None = None,
               quiet: bool = True) -> DataBundle:
     """Load the dataset a `--data` spec names (see the module docstring for the forms).

@@ -74,6 +74,17 @@ def center_crop_box(width: int, height: int, fraction: float = EVAL_CROP_FRACTIO
     return left, top, left + side, top + side
 
 
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any image Pillow opens as 8-bit RGB. 16-bit (and 32-bit integer) grey images are
+    scaled to 8 bits: a plain convert("RGB") clips them, mostly to white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(img, dtype=np.int64)
+        bits = 16 if img.mode.startswith("I;16") or values.max(initial=0) < 65536 else 32
+        grey = (np.clip(values, 0, 2**bits - 1) >> (bits - 8)).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 class FolderImages:
     """An `ImageSource` over image files with class labels, decoded on demand."""
 
@@ -102,7 +113,7 @@ class FolderImages:
         r = self.resolution
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img = to_rgb8(img)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(f"{path}: cannot read image ({exc}); remove or replace the file"
                             ) from None
@@ -237,6 +248,9 @@ def load_folder(root: str | os.PathLike[str], resolution: int = 224, workers: in
     classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
     if not classes:
         raise DataError(f"{train_dir}: no class folders; expected {train_dir}/<class>/*.jpg")
+    if len(classes) == 1:
+        raise DataError(f"{train_dir}: only one class folder ({classes[0]}); a classifier "
+                        "needs at least two (every image would be right by construction)")
     unknown = sorted({e.name for e in os.scandir(eval_dir) if e.is_dir()} - set(classes))
     if unknown:
         raise DataError(f"{eval_dir}: class folder(s) {', '.join(unknown)} have no "

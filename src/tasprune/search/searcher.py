@@ -116,7 +116,13 @@ from tasprune.train.distill import DistillConfig, distill_loss, teacher_logits
 from tasprune.train.inherit import reorder_channels, taylor_importance
 from tasprune.train.loop import autocast_for
 from tasprune.train.optim import WarmupCosine, make_sgd
-from tasprune.train.trainer import AMP_CHOICES, check_fits_data, resolve_amp, resolve_device
+from tasprune.train.trainer import (
+    AMP_CHOICES,
+    check_fits_data,
+    parse_device,
+    resolve_amp,
+    resolve_device,
+)
 
 CHECKPOINT = "search.pt"
 METRICS = "metrics.jsonl"
@@ -252,6 +258,11 @@ class SearchConfig:
             fail("entropy_weight", "must be a number >= 0 (0: no entropy term)")
         if self.nesterov and self.momentum == 0:
             fail("momentum", "Nesterov momentum needs momentum > 0 (or set nesterov false)")
+        if self.device != "auto":
+            try:
+                parse_device(self.device)
+            except ValueError:
+                fail("device", "use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.amp not in AMP_CHOICES:
             fail("amp", f"expected one of {', '.join(AMP_CHOICES)}")
         object.__setattr__(self, "log", check_sinks(self.log))

@@ -40,14 +40,14 @@ def param_groups(
 
 def check_sgd_settings(lr: float, momentum: float, nesterov: bool, weight_decay: float) -> None:
     """Raise a ValueError that says what to change for settings SGD cannot use."""
-    if not lr > 0:
-        raise ValueError(f"learning rate must be > 0, got {lr}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"learning rate must be a finite number > 0, got {lr}")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     if nesterov and momentum == 0:
         raise ValueError("Nesterov momentum needs momentum > 0; set momentum or nesterov=False")
-    if weight_decay < 0:
-        raise ValueError(f"weight decay must be >= 0, got {weight_decay}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight decay must be a finite number >= 0, got {weight_decay}")
 
 
 def make_sgd(

@@ -166,11 +166,7 @@ class TrainConfig:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         object.__setattr__(self, "log", check_sinks(self.log))
         if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ValueError(f"device {self.device!r} is not a torch device; use 'auto', "
-                                 "'cpu', 'cuda' or 'cuda:N'") from None
+            parse_device(self.device)
         self.distill_config()  # validates alpha, temperature, label smoothing
         check_sgd_settings(self.lr, self.momentum, self.nesterov, self.weight_decay)
 
@@ -199,11 +195,23 @@ class TrainResult:
     rank: int = 0
 
 
+def parse_device(name: str) -> torch.device:
+    """A torch device from its name; one PyTorch cannot use is a ValueError naming it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not one tasprune can run on; use 'auto', "
+                         "'cpu', 'cuda' or 'cuda:N'")
+    return device
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; a CUDA device that is absent is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = parse_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: CUDA is not available on this machine; "
                          "use --device cpu")
