@@ -139,6 +139,28 @@ def _make_files(root: Path) -> dict[str, str]:
         (root / name / broken).write_bytes(b"\x89PNG garbage, not an image")
         f[name] = str(root / name)
 
+    # run directories of each kind, damaged ones, and folders no classifier can learn from
+    srch = root / "srch"
+    srch.mkdir()
+    (srch / "search.pt").write_bytes(b"a search checkpoint")
+    demo20.save(srch / "shape.json")
+    f["srch"] = str(srch)
+    for name, text, sha in (("edited", "model: resnet20\n", "0" * 64),
+                            ("damaged", "model: [resnet20\n", None)):
+        (root / name).mkdir()
+        (root / name / "config.yaml").write_text(text)
+        if sha:
+            (root / name / "run.json").write_text(json.dumps({"config_sha256": sha}))
+        f[name] = str(root / name)
+    for split in ("train", "val"):
+        _images(root / "one_class" / split / "only")
+    f["one_class"] = str(root / "one_class")
+    nan = build_model(Shape.full("resnet8", **DEMO))
+    with torch.no_grad():
+        nan.fc.weight[0, 0] = float("nan")
+    save_pruned(root / "nan", nan)
+    f["nan"] = str(root / "nan")
+
     # recipes
     f["recipe_unknown_key"] = _json(root / "unknown_key.yaml",
                                     "model: resnet20\nsearch:\n  epochz: 3\n")
@@ -331,6 +353,42 @@ CASES = [
                              "--out", "{out}"], ["nowhere.yaml: no such config file"], "out"),
     ("override-unknown-key", ["prune", "train.epochz=3", "--out", "{out}"],
      ["unknown config key train.epochz", "valid keys under train:"], "out"),
+    # one run directory, one kind of run; no export over a run's files
+    ("search-into-a-train-run", ["search", "--model", "resnet8", "--flops-ratio", "0.5", *S,
+                                 "--out", "{target}"],
+     ["holds a `tasprune train` run", "`tasprune search` would overwrite"], "tr8"),
+    ("prune-into-a-train-run", ["prune", "--out", "{target}", "--quiet"],
+     ["holds a `tasprune train` run", "choose another --out"], "tr8"),
+    ("train-into-a-search-run", ["train", "--model", "resnet8", *S, "--out", "{target}"],
+     ["holds a `tasprune search` run"], "srch"),
+    *[(f"export-over-{name}", ["export", "{target}", "--format", "torchscript", "--out",
+                               "{target}/" + name], ["is a file of the run", name], "run20")
+      for name in ("model.safetensors", "train.pt")],
+    ("prune-edited-config", ["prune", "--out", "{target}", "--quiet"],
+     ["config.yaml was edited after the run wrote it", "restore it"], "edited"),
+    ("prune-damaged-config", ["prune", "--out", "{target}", "--quiet"],
+     ["config.yaml: the run's saved settings are damaged", "line 2"], "damaged"),
+    # settings checked before any work
+    ("prune-section-null", ["prune", "train=null", "--out", "{out}", "--quiet"],
+     ["train: expected a mapping of train settings"], "out"),
+    ("prune-device-tpu", ["prune", "search.device=tpu", "--out", "{out}", "--quiet"],
+     ["device = 'tpu'", "'cuda:N'"], "out"),
+    ("prune-cuda-absent", ["prune", "search.device=cuda", "--out", "{out}", "--quiet"],
+     ["search.device 'cuda': CUDA is not available"], "out"),
+    ("train-lr-inf", ["train", "--model", "resnet8", *S, "--lr", "inf", "--out", "{out}"],
+     ["learning rate must be a finite number > 0, got inf"], "out"),
+    ("override-blamed-not-recipe", ["prune", "--config", "demo", "train.lr=abc", "--out",
+                                    "{out}"], ["override: train.lr: expected a number"], "out"),
+    ("prune-ratio-tiny", ["prune", "search.flops_ratio=1e-9", "--out", "{out}", "--quiet"],
+     ["cannot be reached"], "out"),
+    ("flops-huge-depth", ["flops", "cifar-resnet8000000000"],
+     ["1333333333 blocks per stage", "at most 1000"], None),
+    ("eval-nan-weights", ["eval", "{nan}", "--data", "demo", "--no-latency", "--quiet"],
+     ["NaN or infinite values", "diverged"], None),
+    ("train-one-class-folder", ["train", "--model", "resnet8", "--data",
+                                "folder:{one_class},resolution=16,workers=0", "--epochs", "1",
+                                "--out", "{out}"],
+     ["only one class folder (only)", "at least two"], "out"),
     # integrations: trackers, mixed precision, Hub export
     ("log-unknown-tracker", ["demo", "--log", "wandb", "--out", "{out}"],
      ["argument --log: unknown tracker 'wandb'; choose from csv, tensorboard"], "out"),

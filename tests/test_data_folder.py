@@ -133,10 +133,16 @@ def test_folder_errors(tmp_path):
     with pytest.raises(DataError, match=r"no val/ \(or test/\) directory"):
         load_folder(tmp_path)
     (tmp_path / "val" / "b").mkdir(parents=True)
+    (tmp_path / "train" / "c").mkdir()
     with pytest.raises(DataError, match=r"val: class folder\(s\) b have no counterpart"):
         load_folder(tmp_path)
     (tmp_path / "val" / "b").rmdir()
-    with pytest.raises(DataError, match=r"class folder\(s\) a hold no images"):
+    (tmp_path / "train" / "c").rmdir()
+    with pytest.raises(DataError, match=r"only one class folder \(a\); a classifier needs at "
+                                        "least two"):
+        load_folder(tmp_path)
+    (tmp_path / "train" / "c").mkdir()
+    with pytest.raises(DataError, match=r"class folder\(s\) a, c hold no images"):
         load_folder(tmp_path)
     with pytest.raises(DataError, match="option resolution='big': expected a whole number"):
         load_data(f"folder:{tmp_path},resolution=big")

@@ -72,3 +72,15 @@ def test_prune_end_to_end_then_rerun_skips(tmp_path, capsys):
     assert main([*args, "search.flops_ratio=0.3"]) == 2
     assert "holds a run with other settings" in capsys.readouterr().err
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+    # a finished run rewrites nothing when run again (it may sit on a read-only share)
+    files = {p: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == files
+
+    # metrics.jsonl lost: the shape under the trained model is never searched again
+    shape = (out / "shape.json").read_text()
+    (out / "metrics.jsonl").unlink()
+    assert main(args) == 0
+    assert "metrics.jsonl is missing" in capsys.readouterr().err
+    assert (out / "shape.json").read_text() == shape
