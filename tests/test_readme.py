@@ -40,3 +40,57 @@ def test_readme_command_parses(command):
         recipe = "demo" if args.command == "demo" else getattr(args, "config", None)
         if recipe is None or Path(recipe).suffix not in (".yaml", ".yml"):
             load_prune_config(recipe, tuple(overrides))  # every override names a setting
+
+
+# the commands that need data this machine does not have (CIFAR) or a network are checked
+# above; every other one runs below, as written, on a stand-in for Fashion-MNIST
+NOT_RUN = ("cifar10", "data download")
+TINY = ["teacher_train.epochs=2", "search.epochs=1", "train.epochs=2", "latency.repeats=1",
+        "latency.min_repeats=1", "latency.batch_sizes=[1]", "search.health_images=100"]
+
+
+def _ordered(commands: list[str]) -> list[str]:
+    """README order, each command once, except that the runs others read (the teacher,
+    then the search) go first."""
+    def rank(c: str) -> int:
+        return 0 if "--out runs/teacher" in c else 1 if "--out runs/search" in c else 2
+    return sorted(dict.fromkeys(" ".join(c.split()) for c in commands), key=rank)  # once each
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    import tasprune.cli
+    import tasprune.prune
+    from tasprune.cli import main
+    from tasprune.data import load_data
+    from tasprune.data.idx import write_idx
+
+    # Fashion-MNIST stand-in: 600 training and 100 test images of the bundled subset
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    demo = load_data("demo")
+    for split, src, n in (("train", demo.train, 600), ("t10k", demo.test, 100)):
+        write_idx(root / f"{split}-images-idx3-ubyte", src.images[:n, 0].numpy())
+        write_idx(root / f"{split}-labels-idx1-ubyte", src.labels[:n].numpy().astype(np.uint8))
+    stand_in = load_data(f"fashion-mnist:{root}")
+
+    def data(spec, *args, **kwargs):
+        return stand_in if spec == "fashion-mnist" else load_data(spec, *args, **kwargs)
+
+    monkeypatch.setattr(tasprune.cli, "load_data", data)
+    monkeypatch.setattr(tasprune.prune, "load_data", data)
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for command in _ordered(readme_commands()):
+        if any(skip in command for skip in NOT_RUN):
+            continue
+        argv = shlex.split(command)[1:]
+        if argv[0] in ("prune", "baseline", "demo"):
+            argv += TINY
+        assert main(argv) == 0, (command, capsys.readouterr().err[-2000:])
+        ran += 1
+    assert ran >= 11
+    assert (tmp_path / "runs" / "student" / "model.onnx").is_file()
+    assert (tmp_path / "runs" / "demo" / "logs" / "train.csv").is_file()

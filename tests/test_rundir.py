@@ -264,3 +264,13 @@ def test_files_that_are_not_utf8_are_named(tmp_path):
     with pytest.raises(ValueError, match="metrics.jsonl: not UTF-8 text"):
         read_jsonl(tmp_path / "metrics.jsonl")
     assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_one_missing_parent_level_is_made_and_removed_on_refusal(tmp_path):
+    with pytest.raises(RuntimeError):
+        with run_lock(tmp_path / "runs" / "a"):
+            raise RuntimeError("refused")
+    assert not (tmp_path / "runs").exists()
+    with run_lock(tmp_path / "runs" / "a"):
+        (tmp_path / "runs" / "a" / "x").write_text("kept")
+    assert (tmp_path / "runs" / "a" / "x").is_file()

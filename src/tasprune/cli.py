@@ -56,15 +56,16 @@ def flops_ratio(text: str) -> float:
 def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
     """Refuse an output directory that cannot be written, before any long work starts.
 
-    Its parent must exist (a typo in it should not create a tree of directories, nor
-    fail after hours of training) and it must not be an existing file.
+    Its parent, or the parent's parent, must exist (`--out runs/x` on a fresh clone makes
+    runs/; a typo deeper in the path should not create a tree of directories, nor fail
+    after hours of training), and it must not be an existing file.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is an existing file, not a directory; choose another "
                         f"{flag}")
     parent = out.absolute().parent
-    if not parent.is_dir():
+    if not parent.is_dir() and not parent.parent.is_dir():
         raise UserError(f"output directory parent {parent} does not exist; create it first or "
                         f"choose another {flag}")
     return out

@@ -80,16 +80,16 @@ def _holder(directory: Path) -> str:
 
 @contextlib.contextmanager
 def run_lock(directory: str | os.PathLike[str], enabled: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on `directory` (created if missing; removed again if this
-    call created it and the command left it empty). A directory another process holds
-    is a ValueError naming that process. `enabled` False (the other ranks of a torchrun
-    job) does nothing."""
+    """Hold an exclusive lock on `directory` (created with its parent if missing; removed
+    again if this call created them and the command left them empty). A directory
+    another process holds is a ValueError naming that process. `enabled` False (the other
+    ranks of a torchrun job) does nothing."""
     if not enabled:
         yield
         return
     d = Path(directory)
-    created = not d.exists()
-    d.mkdir(exist_ok=True)
+    created = [p for p in (d.absolute().parent, d) if not p.exists()]
+    d.mkdir(parents=True, exist_ok=True)
     fd = os.open(d, os.O_RDONLY)
     try:
         try:
@@ -100,6 +100,6 @@ def run_lock(directory: str | os.PathLike[str], enabled: bool = True) -> Iterato
         yield
     finally:
         os.close(fd)  # releases the lock
-        if created:
+        for path in reversed(created):
             with contextlib.suppress(OSError):
-                d.rmdir()  # only when empty: a refused command leaves no trace
+                path.rmdir()  # only when empty: a refused command leaves no trace
