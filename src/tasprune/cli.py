@@ -599,7 +599,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments `prune` and `baseline` share."""
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. search.epochs=10 teacher_train.epochs=5")
-    p.add_argument("--out", required=True, help="run directory (created, with its parent if only that is missing)")
+    p.add_argument("--out", required=True,
+                   help="run directory (created, with its parent if only that is missing)")
     p.add_argument("--model", help="model name (default: the recipe's, else resnet20)")
     p.add_argument("--data", help=DATA_SPEC_HELP)
     p.add_argument("--flops-ratio", type=flops_ratio, help="target FLOPs as a fraction of the "
