@@ -174,6 +174,13 @@ def test_export_cli_pt2_and_hf(tmp_path, capsys):
         assert (from_pretrained(run / "hub")(_x()) - model(_x())).abs().max() < 1e-5
     assert main(["export", str(run), "--format", "hf", "--out", str(run)]) == 2
     assert "the run directory itself" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "hf", "--out", str(run / "hub")]) == 0
+    other = tmp_path / "other"  # another run: its model must not be replaced
+    other.mkdir()
+    (other / "train.pt").write_text("a checkpoint")
+    assert main(["export", str(run), "--format", "hf", "--out", str(other)]) == 2
+    assert "holds a `tasprune train` run" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["train.pt"]
 
 
 # mixed precision -----------------------------------------------------------------------

@@ -482,7 +482,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tasprune.export import EXPORT_FORMATS, export_model, load_pruned
-    from tasprune.rundir import check_export_target
+    from tasprune.rundir import check_export_target, run_kind
 
     model = load_pruned(args.path)
     path = Path(args.path)
@@ -492,6 +492,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "hub"
         if out.resolve() == (path if path.is_dir() else path.parent).resolve():
             raise UserError(f"--out {out} is the run directory itself; give a new directory")
+        if run_kind(out) is not None and not (out / "config.json").is_file():
+            raise UserError(f"--out {out} holds a `tasprune {run_kind(out)}` run; give a new "
+                            "directory (or an earlier hf export to replace)")
         summary, settings = run_card_inputs(path if path.is_dir() else path.parent)
         save_pretrained(model, out, summary=summary, settings=settings)
         print(f"wrote {out}/ (model.safetensors, shape.json, config.json, README.md)")
