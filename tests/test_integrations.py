@@ -155,6 +155,11 @@ def test_save_pretrained_round_trip_and_card(tmp_path):
             assert (loaded(_x()) - model(_x())).abs().max() < 1e-5
     with pytest.raises(FileNotFoundError, match="nor a Hub repository id"):
         from_pretrained(tmp_path / "nowhere" / "deep" / "x")
+    (tmp_path / "runs").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        with pytest.raises(FileNotFoundError, match="nor a Hub repository id"):
+            from_pretrained("runs/typo")  # runs/ is here: a local path, never a download
     with pytest.raises(ValueError, match="push_to_hub needs repo_id"):
         save_pretrained(model, tmp_path / "hub2", push_to_hub=True)
 

@@ -82,7 +82,8 @@ def from_pretrained(name_or_path: str | os.PathLike[str], *, revision: str | Non
     path = Path(name_or_path)
     if path.is_dir():
         return load_pruned(path, device=device)
-    if path.exists() or str(name_or_path).count("/") != 1:
+    local = path.exists() or path.parent.is_dir() and str(path.parent) != "."
+    if local or str(name_or_path).count("/") != 1:  # runs/x with runs/ here: a local path
         raise FileNotFoundError(f"{name_or_path}: not a directory saved by save_pretrained, "
                                 "nor a Hub repository id of the form 'user/name'")
     local = _hub().snapshot_download(repo_id=str(name_or_path), revision=revision,
