@@ -10,33 +10,19 @@ import sys
 import pytest
 import torch
 
-from tasprune import Shape, build_model, from_pretrained, load_data, save_pretrained
+from tasprune import Shape, from_pretrained, load_data, save_pretrained
 from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.export import export_pt2
 from tasprune.models import ResNet
 from tasprune.search.searcher import SearchConfig, search
 from tasprune.tracking import check_sinks, log_record, parse_sinks, tensorboard_dir
+from test_export import _pruned as _model
+from test_export import _x
 
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
                                        reason="needs tensorboard (pip install "
                                        "'tasprune[tensorboard]')")
-
-
-def _model(seed=0):
-    full = Shape.full("resnet8", num_classes=4, in_channels=1, resolution=12)
-    torch.manual_seed(seed)
-    model = build_model(full.replace(widths=tuple(max(1, w // 2) for w in full.widths)))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-def _x(n=3):
-    return torch.randn(n, 1, 12, 12, generator=torch.Generator().manual_seed(7))
 
 
 def _scalars(event_dir):

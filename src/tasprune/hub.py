@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from tasprune import __version__
 from tasprune._io import atomic_write_text, read_json
 from tasprune.export import SHAPE_FILE, WEIGHTS_FILE, load_pruned, save_pruned
 from tasprune.flops import count_flops, count_params
@@ -53,8 +54,6 @@ def save_pretrained(model: ResNet, save_directory: str | os.PathLike[str], *,
         raise ValueError(f"{out} is a file; give a directory to save the model into")
     out.mkdir(parents=True, exist_ok=True)
     save_pruned(out, model)
-    from tasprune import __version__
-
     shape = model.shape
     config = {"library_name": "tasprune", "tasprune_version": __version__,
               "architecture": shape.describe(), "flops": count_flops(shape),
@@ -67,8 +66,6 @@ def save_pretrained(model: ResNet, save_directory: str | os.PathLike[str], *,
         hub = _hub()
         api = hub.HfApi()
         api.create_repo(repo_id, private=private, exist_ok=True)
-        from tasprune import __version__
-
         api.upload_folder(repo_id=repo_id, folder_path=str(out),
                           commit_message=f"tasprune {__version__}: {shape.describe()}")
     return out
@@ -94,8 +91,6 @@ def from_pretrained(name_or_path: str | os.PathLike[str], *, revision: str | Non
 def model_card(model: ResNet, summary: Mapping[str, Any] | None = None,
                settings: Mapping[str, Any] | None = None) -> str:
     """A Hub model card (README.md with YAML front matter) for `model`."""
-    from tasprune import __version__
-
     shape = model.shape
     front = {"library_name": "tasprune", "tags": ["pruning", "tas", "image-classification"],
              "pipeline_tag": "image-classification"}
