@@ -135,18 +135,19 @@ def _slot_weight_names(full: Shape) -> list[str]:
 
 
 def random_shape(full: Shape, flops_ratio: float, samples: int = 1000, seed: int = 0,
-                 ratios: Sequence[float] = DEFAULT_RATIOS, multiple_of: int = 1) -> Shape:
+                 ratios: Sequence[float] = DEFAULT_RATIOS, multiple_of: int = 1,
+                 coupled: bool = False) -> Shape:
     """The best of `samples` shapes drawn uniformly from the TAS search space.
 
     Every conv slot draws one of its width choices and every stage one of its
-    depth choices, each uniformly (`ratios`/`multiple_of` as in
-    `SearchSpace.from_shape`). Of the draws at or below `flops_ratio` of the full
+    depth choices, each uniformly (`ratios`/`multiple_of`/`coupled` as in
+    `SearchSpace.from_shape`: with `coupled` a residual stream draws once). Of the draws at or below `flops_ratio` of the full
     FLOPs, the one with the most FLOPs is kept; draws above the budget are never
     chosen. Slots of dropped blocks are set to their full width (they are unused).
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-    space = SearchSpace.from_shape(full, ratios, multiple_of)
+    space = SearchSpace.from_shape(full, ratios, multiple_of, coupled)
     target = _check_ratio(full, flops_ratio, space.smallest(), "random")
     gen = torch.Generator().manual_seed(seed)
     n_widths = torch.tensor([len(c) for c in space.widths])

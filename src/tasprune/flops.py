@@ -15,7 +15,8 @@ One walk over the network (`_layers`) serves two purposes:
 
 Products of two widths use `E[a*b] = E[a] * E[b]` (slots are sampled
 independently); a stride-1 projection shortcut exists only when the block's
-input and output widths differ, so its expected cost is `E[a*b*(a != b)]`.
+input and output widths differ, so its expected cost is `E[a*b*(a != b)]` (0 when
+both are one `WidthDist` object: widths tied to one distribution).
 With one-hot distributions the expected cost equals the exact count.
 """
 
@@ -91,6 +92,8 @@ def _product_if_differ(a: Width, b: Width) -> Number:
     """E[a * b * (a != b)] for independent a and b (exact for ints)."""
     if isinstance(a, int) and isinstance(b, int):
         return a * b if a != b else 0
+    if a is b:  # one variable (tied widths): never differs from itself
+        return 0
     da, db = (_as_dist(w, ref) for w, ref in ((a, b), (b, a)))
     same = (da.values[:, None] == db.values[None, :]).to(da.probs.dtype)
     both = da.probs[:, None] * db.probs[None, :] * da.values[:, None] ** 2

@@ -31,8 +31,10 @@ def expected_cost(space: SearchSpace, width_logits: torch.Tensor, depth_logits: 
     """E[FLOPs] (float64 tensor, differentiable w.r.t. the logits)."""
     wp = masked_softmax(width_logits.double(), width_mask)
     dp = masked_softmax(depth_logits.double(), depth_mask)
-    widths = [WidthDist(values=wp.new_tensor(c), probs=wp[s, : len(c)])
-              for s, c in enumerate(space.widths)]
+    dists = [WidthDist(values=wp.new_tensor(c), probs=wp[s, : len(c)])
+             for s, c in enumerate(space.widths)]
+    # tied slots share one distribution object: `flops` sees they are one variable
+    widths = [dists[t] for t in space.ties]
     depths = [DepthDist(choices=c, probs=dp[s, : len(c)]) for s, c in enumerate(space.depths)]
     return expected_flops(space.full.skeleton, widths, depths)
 

@@ -139,7 +139,8 @@ class SearchConfig:
     tolerance: width of the zero-loss band below the target, as a fraction of
     the unpruned FLOPs; flop_weight: lambda of the arch loss; topk: width
     candidates per slot and forward of the paper's relaxation (1 = hard sample); width_ratios and
-    channel_multiple: the width choices (see search.space); split_fraction:
+    channel_multiple: the width choices (see search.space); couple_residual: one width
+    per residual stream (no stride-1 projection is ever added); split_fraction:
     share of every class in the "train" half; checkpoint_every: also write
     search.pt after every N-th step (0: at epoch ends only; may change on resume).
 
@@ -188,6 +189,7 @@ class SearchConfig:
     topk: int = 2
     width_ratios: tuple[float, ...] = DEFAULT_RATIOS
     channel_multiple: int = 1
+    couple_residual: bool = False
     split_fraction: float = 0.5
     seed: int = 0
     device: str = "auto"
@@ -475,7 +477,7 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
             loss_a = loss_v + config.flop_weight * fl.loss
             if entropy_weight > 0:
                 loss_a = loss_a + entropy_weight * (
-                    entropy(net.width_logits, net.width_mask)
+                    entropy(*net.searched_width_logits())
                     + entropy(net.depth_logits, net.depth_mask))
             a_opt.zero_grad(set_to_none=True)
             bad, _ = _backward_agreed(loss_a, a_opt, a_scaler, dist, arch)
@@ -731,6 +733,7 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
     shape = net.derive()
     flops = count_flops(shape)
     expected = float(supernet_expected_flops(net).detach())
+    searched = net.searched_width_logits()
     record = {
         "phase": "search", "epoch": epoch + 1, "tau": tau, "lr": run.lr,
         "arch_lr": loop.a_opt.param_groups[0]["lr"], "arch_steps": int(s[7]),
@@ -741,9 +744,9 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
         "expected_ratio": expected / loop.full_flops, "flops_ratio": flops / loop.full_flops,
         "target_ratio": cfg.flops_ratio, "steps_below_band": run.moves[0],
         "steps_in_band": run.moves[1], "steps_above_target": run.moves[2],
-        "width_entropy": mean_entropy(net.width_logits, net.width_mask),
+        "width_entropy": mean_entropy(*searched),
         "depth_entropy": mean_entropy(net.depth_logits, net.depth_mask),
-        "width_entropy_max": mean_entropy(net.width_logits * 0, net.width_mask),
+        "width_entropy_max": mean_entropy(searched[0] * 0, searched[1]),
         "depth_entropy_max": mean_entropy(net.depth_logits * 0, net.depth_mask),
         "blocks": list(shape.blocks),
         "images_per_s": (s[2] + s[5]) / seconds if seconds > 0 else 0.0,
@@ -816,7 +819,8 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     """
     out = Path(out_dir)
     check_fits_data(shape_full, data, "network to search")
-    space = SearchSpace.from_shape(shape_full, config.width_ratios, config.channel_multiple)
+    space = SearchSpace.from_shape(shape_full, config.width_ratios, config.channel_multiple,
+                                   config.couple_residual)
     check_budget(space, config.flops_ratio)
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
     found = ckpt_path.exists() or previous_path(ckpt_path).exists()
@@ -901,7 +905,7 @@ def distributions(net: SuperNet) -> dict[str, tuple[tuple[int, ...], list[float]
     for the trackers' histograms."""
     out = {}
     for kind, logits, mask, values in (
-            ("width/slot", net.width_logits, net.width_mask, net.space.widths),
+            ("width/slot", net.slot_width_logits(), net.width_mask, net.space.widths),
             ("depth/stage", net.depth_logits, net.depth_mask, net.space.depths)):
         probs = torch.softmax(logits.detach().masked_fill(~mask, float("-inf")), -1)
         for i, choices in enumerate(values):
@@ -928,7 +932,7 @@ def _finish(loop: SearchLoop, metrics_path: Path) -> SearchResult:
     """Derive the shape (the argmax, moved into the FLOP band when it is outside), write
     shape.json and the "derive" metrics line (rank 0)."""
     net, config, shape_full, dist = loop.net, loop.config, loop.shape_full, loop.dist
-    derived = derive_in_band(net.space, net.width_logits, net.depth_logits, net.width_mask,
+    derived = derive_in_band(net.space, net.slot_width_logits(), net.depth_logits, net.width_mask,
                              net.depth_mask, config.flops_ratio, config.tolerance,
                              fill=config.fill)
     shape = derived.shape

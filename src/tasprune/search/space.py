@@ -7,6 +7,12 @@ choice) every choice is first rounded to the nearest multiple, at least one
 multiple and never above `C`. Depth choices of a stage of `N` blocks are all of
 1..N when N <= 3, otherwise {1, 3, 5, ...} plus N; the kept blocks are always
 the first d.
+
+With `coupled`, every residual stream has one width: a stride-1 block whose
+shortcut is the identity in the full network writes the width it reads, so the
+stem and the outputs of the blocks of a stage share one distribution (the
+searched shape never grows a stride-1 projection the dense net does not have).
+`ties[l]` is the slot whose choice slot `l` takes (itself when not tied).
 """
 
 from __future__ import annotations
@@ -63,11 +69,17 @@ class SearchSpace:
     full: Shape
     widths: tuple[tuple[int, ...], ...]
     depths: tuple[tuple[int, ...], ...]
+    ties: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.ties:
+            object.__setattr__(self, "ties", tuple(range(len(self.widths))))
 
     @classmethod
     def from_shape(cls, full: Shape, ratios: Sequence[float] = DEFAULT_RATIOS,
-                   multiple_of: int = 1) -> SearchSpace:
-        """The space of an unpruned network (a Shape with `is_full`)."""
+                   multiple_of: int = 1, coupled: bool = False) -> SearchSpace:
+        """The space of an unpruned network (a Shape with `is_full`); `coupled` ties the
+        widths of every residual stream (see the module docstring)."""
         if not full.is_full:
             raise ValueError(
                 "the search space is built from the unpruned network; got a pruned shape "
@@ -75,7 +87,13 @@ class SearchSpace:
             )
         widths = tuple(width_choices(c, ratios, multiple_of) for c in full.widths)
         depths = tuple(depth_choices(n) for n in full.depths)
-        return cls(full=full, widths=widths, depths=depths)
+        ties = residual_ties(full) if coupled else ()
+        return cls(full=full, widths=widths, depths=depths, ties=ties)
+
+    @property
+    def coupled(self) -> bool:
+        """Whether some slots take another slot's choice."""
+        return any(t != s for s, t in enumerate(self.ties))
 
     @property
     def num_slots(self) -> int:
@@ -87,8 +105,10 @@ class SearchSpace:
 
     def shape(self, width_index: Sequence[int], depth_index: Sequence[int]) -> Shape:
         """The Shape that picks choice `width_index[l]` of every slot and `depth_index[s]`
-        of every stage."""
-        widths = tuple(c[i] for c, i in zip(self.widths, width_index, strict=True))
+        of every stage (a tied slot takes the choice of the slot it is tied to)."""
+        if len(width_index) != len(self.widths):
+            raise ValueError(f"{len(width_index)} width choices for {len(self.widths)} slots")
+        widths = tuple(c[width_index[t]] for c, t in zip(self.widths, self.ties, strict=True))
         blocks = tuple(d[i] for d, i in zip(self.depths, depth_index, strict=True))
         return self.full.replace(widths=widths, blocks=blocks)
 
@@ -127,6 +147,22 @@ def _position(choices: tuple[int, ...], value: int, what: str) -> int:
     if value not in choices:
         raise ValueError(f"{what} is not in the search space (choices {list(choices)})")
     return choices.index(value)
+
+
+def residual_ties(full: Shape) -> tuple[int, ...]:
+    """For every slot, the first slot of its residual stream: a stride-1 block whose input
+    and output widths are equal in `full` adds its input to its output unchanged, so its
+    output slot joins the stream of the slot it reads."""
+    skel = full.skeleton
+    ties = list(range(skel.num_slots))
+    reads = skel.stem.slot
+    for stage in skel.stages:
+        for blk in stage:
+            out = blk.out_slot
+            if blk.stride == 1 and full.widths[reads] == full.widths[out]:
+                ties[out] = ties[reads]
+            reads = out
+    return tuple(ties)
 
 
 def used_slots(shape: Shape) -> set[int]:

@@ -364,6 +364,8 @@ class SuperNet(nn.Module):
         self.register_buffer("width_mask", wmask, persistent=False)
         self.register_buffer("depth_mask", dmask, persistent=False)
         self.width_logits = nn.Parameter(torch.zeros(wmask.shape))
+        # a tied slot reads the row of the slot it is tied to (search.space, `coupled`)
+        self.register_buffer("ties", torch.tensor(space.ties), persistent=False)
         self.depth_logits = nn.Parameter(torch.zeros(dmask.shape))
         self.reset_parameters(generator)
 
@@ -398,12 +400,28 @@ class SuperNet(nn.Module):
         return [p for p in self.parameters() if id(p) not in arch]
 
     # architectures ---------------------------------------------------------------------
+    def slot_width_logits(self) -> torch.Tensor:
+        """Width logits of every slot: a tied slot's row is the one of the slot it is tied
+        to (the rows of tied slots themselves are never read)."""
+        return self.width_logits[self.ties] if self.space.coupled else self.width_logits
+
+    def searched_width_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and mask of the width rows that are searched (every slot's own row, or
+        with tied slots, one row per stream): what an entropy or a log sees once each."""
+        if not self.space.coupled:
+            return self.width_logits, self.width_mask
+        rows = [s for s, t in enumerate(self.space.ties) if s == t]
+        return self.width_logits[rows], self.width_mask[rows]
+
     def sample(self, tau: float, k: int = 2, generator: torch.Generator | None = None,
                pad: bool = False) -> Arch:
         """Fresh Gumbel samples of every width (top-k) and depth (soft) distribution;
         `pad`: mix candidates by zero-padding instead of channel-wise interpolation."""
         top = gumbel_topk(self.width_logits, self.width_mask, tau, k, generator)
-        widths = _choices(self.space.widths, top.index, top.weight, pad)
+        index, weight = top.index, top.weight
+        if self.space.coupled:  # one draw per stream
+            index, weight = index[self.ties], weight[self.ties]
+        widths = _choices(self.space.widths, index, weight, pad)
         probs = gumbel_softmax(self.depth_logits, self.depth_mask, tau, generator)
         order = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
         return Arch(widths, _choices(self.space.depths, order, probs, pad))
@@ -413,7 +431,8 @@ class SuperNet(nn.Module):
         slot l outputs channel i scaled by P(c_l > i) (zero-padded candidates), and the
         depths take the nested relaxation of `_gated_stage_forward`."""
         arch = []
-        for logits, mask, values in ((self.width_logits, self.width_mask, self.space.widths),
+        for logits, mask, values in ((self.slot_width_logits(), self.width_mask,
+                                      self.space.widths),
                                      (self.depth_logits, self.depth_mask, self.space.depths)):
             probs = masked_softmax(logits, mask)
             order = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
@@ -425,7 +444,8 @@ class SuperNet(nn.Module):
         """The most probable choice of every slot and stage."""
         def best(logits: torch.Tensor, mask: torch.Tensor) -> list[int]:
             return logits.detach().masked_fill(~mask, float("-inf")).argmax(dim=1).tolist()
-        return best(self.width_logits, self.width_mask), best(self.depth_logits, self.depth_mask)
+        return (best(self.slot_width_logits(), self.width_mask),
+                best(self.depth_logits, self.depth_mask))
 
     def derive(self) -> Shape:
         """The argmax shape: the most probable width of every slot and depth of every stage."""
