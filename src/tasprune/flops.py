@@ -82,6 +82,14 @@ class Layer:
     out_res: int
     flops: Number
     params: Number
+    # for a latency model (tasprune.latency_table): the widths as given (ints or
+    # distributions), the probability that the layer runs, the operation it times
+    # (role and sizes, no widths) and whether it runs only when its widths differ
+    cin: Width = 0
+    cout: Width = 0
+    keep: Number = 1
+    op: tuple[object, ...] = ()
+    conditional: bool = False
 
 
 def _mean(w: Width) -> Number:
@@ -111,15 +119,20 @@ def _layers(skel: Skeleton, widths: Sequence[Width], depths: Sequence[Depth]) ->
     """Every counted layer, FLOPs and params already weighted by the keep probability."""
 
     def conv(name: str, cin: Width, cout: Width, k: int, res: int, weight: Number = 1,
-             bn: bool = True, cross: Number | None = None) -> Layer:
+             bn: bool = True, cross: Number | None = None, op: tuple[object, ...] = ()
+             ) -> Layer:
         # `cross` replaces E[cin*cout] where the layer's existence depends on the widths
         macs = _mean(cin) * _mean(cout) if cross is None else cross
         params = macs * k * k + (2 * _mean(cout) if bn else 0)
         return Layer(name, "conv", _mean(cin), _mean(cout), k, res,
-                     weight * macs * k * k * res * res, weight * params)
+                     weight * macs * k * k * res * res, weight * params, cin, cout, weight, op,
+                     cross is not None)
 
-    yield conv("conv1", skel.in_channels, widths[0], skel.stem.kernel, skel.stem.out_res)
+    stem = skel.stem
+    yield conv("conv1", skel.in_channels, widths[0], stem.kernel, stem.out_res,
+               op=("stem", stem.kernel, stem.stride, skel.resolution, skel.family.stem_pool))
     x: Width = widths[0]
+    res = stages_in_res(skel)
     for s, stage in enumerate(skel.stages):
         depth = depths[s]
         stage_outs: list[Width] = []
@@ -131,19 +144,23 @@ def _layers(skel: Skeleton, widths: Sequence[Width], depths: Sequence[Depth]) ->
             else:
                 keep = depth.keep_prob(blk.index)
             prefix = f"layer{s + 1}.{blk.index}"
-            cin = x
+            cin, conv_res = x, res
             for j, c in enumerate(blk.convs):
                 cout = widths[c.slot]
-                yield conv(f"{prefix}.conv{j + 1}", cin, cout, c.kernel, c.out_res, keep)
-                cin = cout
+                # the last conv's BN output is added to the shortcut, then ReLU
+                role = "conv_add" if j == len(blk.convs) - 1 else "conv"
+                yield conv(f"{prefix}.conv{j + 1}", cin, cout, c.kernel, c.out_res, keep,
+                           op=(role, c.kernel, c.stride, conv_res))
+                cin, conv_res = cout, c.out_res
             name = f"{prefix}.downsample.conv"
+            op = ("shortcut", blk.stride, res, blk.shortcut_bn)
             if blk.stride > 1:
-                yield conv(name, x, cin, 1, blk.out_res, keep, bn=blk.shortcut_bn)
+                yield conv(name, x, cin, 1, blk.out_res, keep, bn=blk.shortcut_bn, op=op)
             else:
                 differ = _product_if_differ(x, cin)
                 if not (isinstance(differ, int) and differ == 0):
-                    yield conv(name, x, cin, 1, blk.out_res, keep, cross=differ)
-            x = cin
+                    yield conv(name, x, cin, 1, blk.out_res, keep, cross=differ, op=op)
+            x, res = cin, blk.out_res
             stage_outs.append(x)
         if isinstance(depth, DepthDist):
             # the next stage sees the last kept block's output, whichever depth is chosen
@@ -152,7 +169,14 @@ def _layers(skel: Skeleton, widths: Sequence[Width], depths: Sequence[Depth]) ->
                 raise TypeError("a depth distribution needs width distributions for every slot")
             x = WidthDist.mixture(parts, depth.probs)  # type: ignore[arg-type]
     macs = _mean(x) * skel.num_classes + skel.num_classes
-    yield Layer("fc", "linear", _mean(x), skel.num_classes, 1, 1, macs, macs)
+    yield Layer("fc", "linear", _mean(x), skel.num_classes, 1, 1, macs, macs, x,
+                skel.num_classes, 1, ("fc", res))
+
+
+def stages_in_res(skel: Skeleton) -> int:
+    """Input resolution of the first stage (after the stem and its max pool, if any)."""
+    res = skel.stem.out_res
+    return -(-res // 2) if skel.family.stem_pool else res
 
 
 def layer_table(shape: Shape) -> list[Layer]:
@@ -177,3 +201,20 @@ def expected_flops(
     total = sum(layer.flops for layer in _layers(skel, widths, depths))
     assert isinstance(total, torch.Tensor)
     return total
+
+
+def expected_params(
+    skel: Skeleton, widths: Sequence[WidthDist], depths: Sequence[DepthDist]
+) -> torch.Tensor:
+    """Differentiable expected parameter count (as `expected_flops`)."""
+    total = sum(layer.params for layer in _layers(skel, widths, depths))
+    assert isinstance(total, torch.Tensor)
+    return total
+
+
+def expected_layers(
+    skel: Skeleton, widths: Sequence[WidthDist], depths: Sequence[DepthDist]
+) -> list[Layer]:
+    """The layers of the expected cost, each with its width distributions and keep
+    probability (what a latency model takes its expectation over)."""
+    return list(_layers(skel, widths, depths))

@@ -16,19 +16,33 @@ the distributions are wide, and with it the sign of the loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tasprune.flops import DepthDist, WidthDist, count_flops, expected_flops
+from tasprune.families import Skeleton
+from tasprune.flops import (
+    DepthDist,
+    WidthDist,
+    count_flops,
+    count_params,
+    expected_flops,
+    expected_params,
+)
 from tasprune.search.sampling import masked_softmax
 from tasprune.search.space import SearchSpace
 from tasprune.search.supernet import SuperNet
+from tasprune.shape import Shape
+
+Expectation = Callable[[Skeleton, Sequence[WidthDist], Sequence[DepthDist]], torch.Tensor]
 
 
 def expected_cost(space: SearchSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor,
-                  width_mask: torch.Tensor, depth_mask: torch.Tensor) -> torch.Tensor:
-    """E[FLOPs] (float64 tensor, differentiable w.r.t. the logits)."""
+                  width_mask: torch.Tensor, depth_mask: torch.Tensor,
+                  expectation: Expectation = expected_flops) -> torch.Tensor:
+    """E[cost] (float64 tensor, differentiable w.r.t. the logits); the cost is FLOPs unless
+    another `expectation` (e.g. `Budget.expected`) is given."""
     wp = masked_softmax(width_logits.double(), width_mask)
     dp = masked_softmax(depth_logits.double(), depth_mask)
     dists = [WidthDist(values=wp.new_tensor(c), probs=wp[s, : len(c)])
@@ -36,7 +50,7 @@ def expected_cost(space: SearchSpace, width_logits: torch.Tensor, depth_logits: 
     # tied slots share one distribution object: `flops` sees they are one variable
     widths = [dists[t] for t in space.ties]
     depths = [DepthDist(choices=c, probs=dp[s, : len(c)]) for s, c in enumerate(space.depths)]
-    return expected_flops(space.full.skeleton, widths, depths)
+    return expectation(space.full.skeleton, widths, depths)
 
 
 def supernet_expected_flops(net: SuperNet) -> torch.Tensor:
@@ -87,3 +101,83 @@ def supernet_flop_loss(net: SuperNet, ratio: float, tolerance: float = 0.05,
     full = count_flops(net.space.full) if full_flops is None else full_flops
     return flop_loss(supernet_expected_flops(net), count_flops(net.derive()), full, ratio,
                      tolerance, argmax_weight)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One budget of the search: a cost (`exact` of a shape, `expected` under the width
+    and depth distributions, in the same unit), the unpruned network's cost `full`, and
+    the fraction `ratio` of it the derived shape may cost."""
+
+    name: str  # "flops", "params", "latency@<batch>"
+    ratio: float
+    full: float
+    exact: Callable[[Shape], float]
+    expected: Expectation
+    unit: str = ""
+
+    @property
+    def target(self) -> float:
+        return self.ratio * self.full
+
+    def fraction(self, shape: Shape) -> float:
+        """The shape's cost as a fraction of the unpruned network's."""
+        return self.exact(shape) / self.full
+
+
+def flops_budget(full: Shape, ratio: float) -> Budget:
+    return Budget("flops", ratio, count_flops(full), count_flops, expected_flops, "MACs")
+
+
+def params_budget(full: Shape, ratio: float) -> Budget:
+    return Budget("params", ratio, count_params(full), count_params, expected_params, "")
+
+
+def latency_budget(full: Shape, ratio: float, table: object) -> Budget:
+    """A latency budget priced by a `tasprune.latency_table.LatencyTable` (at its batch)."""
+    from tasprune.latency_table import LatencyTable
+
+    assert isinstance(table, LatencyTable)
+    return Budget(f"latency@{table.batch}", ratio, table.predict(full), table.predict,
+                  table.expected, "ms")
+
+
+def normalized_cost(budgets: Sequence[Budget]) -> Callable[[Shape], float]:
+    """The largest of a shape's costs over their targets: at most 1 when the shape meets
+    every budget."""
+    return lambda shape: max(b.exact(shape) / b.target for b in budgets)
+
+
+def band_floor(budgets: Sequence[Budget], tolerance: float) -> float:
+    """The normalized cost above which a shape is in the band of its loosest budget:
+    [ratio - tolerance, ratio] of the unpruned cost, divided by ratio."""
+    return min(1 - tolerance / b.ratio for b in budgets)
+
+
+@dataclass(frozen=True)
+class BudgetLoss:
+    """The summed loss of every budget, each budget's `FlopLoss`, and the direction of the
+    most violated one (+1 one is over its target, -1 one is below its band, else 0)."""
+
+    loss: torch.Tensor
+    parts: dict[str, FlopLoss]
+
+    @property
+    def direction(self) -> int:
+        directions = [p.direction for p in self.parts.values()]
+        return 1 if 1 in directions else -1 if -1 in directions else 0
+
+
+def supernet_budget_loss(net: SuperNet, budgets: Sequence[Budget], tolerance: float = 0.05,
+                         argmax_weight: float = 1.0) -> BudgetLoss:
+    """The loss of `flop_loss` for every budget (its cost in place of the FLOPs), summed."""
+    shape = net.derive()
+    parts = {}
+    for b in budgets:
+        expected = expected_cost(net.space, net.width_logits, net.depth_logits, net.width_mask,
+                                 net.depth_mask, b.expected)
+        parts[b.name] = flop_loss(expected, b.exact(shape), b.full, b.ratio, tolerance,
+                                  argmax_weight)
+    loss = sum((p.loss for p in parts.values()), start=torch.zeros((), dtype=torch.float64,
+                                                                  device=net.width_logits.device))
+    return BudgetLoss(loss=loss, parts=parts)

@@ -57,49 +57,58 @@ def _rows(logits: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
 
 def derive_in_band(space: SearchSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor,
                    width_mask: torch.Tensor, depth_mask: torch.Tensor, ratio: float,
-                   tolerance: float, fill: bool = False) -> Derived:
+                   tolerance: float, fill: bool = False,
+                   cost: tuple[Callable[[Shape], float], float, float] | None = None
+                   ) -> Derived:
     """The argmax shape, or the closest in-band shape when the argmax is outside the band
     [ratio - tolerance, ratio] (fractions of the unpruned FLOPs); with `fill`, then widened
-    until no widening move fits under the target (see the module docstring)."""
+    until no widening move fits under the target (see the module docstring).
+
+    `cost` = (cost of a shape, target, band floor) walks on another cost than the FLOPs
+    (several budgets: `cost.normalized_cost`); `ratio` and `tolerance` are then unused."""
     wlp, dlp = _rows(width_logits, width_mask), _rows(depth_logits, depth_mask)
-    full = count_flops(space.full)
-    target, low = ratio * full, (ratio - tolerance) * full
+    if cost is None:
+        full = count_flops(space.full)
+        price: Callable[[Shape], float] = count_flops
+        target, low = ratio * full, (ratio - tolerance) * full
+    else:
+        price, target, low = cost
     wi = [max(range(len(r)), key=r.__getitem__) for r in wlp]
     di = [max(range(len(r)), key=r.__getitem__) for r in dlp]
 
     argmax = space.shape(wi, di)
-    argmax_flops = count_flops(argmax)
-    flops = argmax_flops
-    shape_moved = flops > target
-    if flops > target:
-        wi, di, flops = _walk(space, wi, di, flops, wlp, dlp, -1, lambda f: f > target,
-                              lambda f: True)
-        if flops > target:  # stuck: start again from the smallest shape
+    argmax_cost = price(argmax)
+    c = argmax_cost
+    shape_moved = c > target
+    if c > target:
+        wi, di, c = _walk(space, price, wi, di, c, wlp, dlp, -1, lambda f: f > target,
+                          lambda f: True)
+        if c > target:  # stuck: start again from the smallest shape
             wi, di = [0] * len(wi), [0] * len(di)
-            flops = count_flops(space.shape(wi, di))
-    if flops < low or shape_moved:
-        wi, di, flops = _walk(space, wi, di, flops, wlp, dlp, +1, lambda f: f < low,
-                              lambda f: f <= target)
-    if flops < low:
-        wi, di, flops = _walk(space, wi, di, flops, wlp, dlp, +1, lambda f: f < low,
-                              lambda f: f <= target, greedy_flops=True)
+            c = price(space.shape(wi, di))
+    if c < low or shape_moved:
+        wi, di, c = _walk(space, price, wi, di, c, wlp, dlp, +1, lambda f: f < low,
+                          lambda f: f <= target)
+    if c < low:
+        wi, di, c = _walk(space, price, wi, di, c, wlp, dlp, +1, lambda f: f < low,
+                          lambda f: f <= target, greedy_flops=True)
     if fill:
-        wi, di, flops = _walk(space, wi, di, flops, wlp, dlp, +1, lambda f: True,
-                              lambda f: f <= target)
+        wi, di, c = _walk(space, price, wi, di, c, wlp, dlp, +1, lambda f: True,
+                          lambda f: f <= target)
     shape = space.shape(wi, di)
-    return Derived(shape=shape, argmax=argmax, flops=flops, argmax_flops=argmax_flops,
-                   adjusted=shape != argmax)
+    return Derived(shape=shape, argmax=argmax, flops=count_flops(shape),
+                   argmax_flops=count_flops(argmax), adjusted=shape != argmax)
 
 
-def _walk(space: SearchSpace, wi: list[int], di: list[int], flops: int,
-          wlp: list[list[float]], dlp: list[list[float]], step: int,
-          go_on: Callable[[int], bool], allowed: Callable[[int], bool],
-          greedy_flops: bool = False) -> tuple[list[int], list[int], int]:
+def _walk(space: SearchSpace, price: Callable[[Shape], float], wi: list[int], di: list[int],
+          flops: float, wlp: list[list[float]], dlp: list[list[float]], step: int,
+          go_on: Callable[[float], bool], allowed: Callable[[float], bool],
+          greedy_flops: bool = False) -> tuple[list[int], list[int], float]:
     """Move one choice at a time by `step` (-1 narrower, +1 wider) while `go_on(flops)`,
     each time the allowed move with the best log-probability per FLOP (or, with
-    `greedy_flops`, the most FLOPs); then, widening, go on with the allowed moves that
-    make the shape more probable (back towards the argmax after an overshoot); stop when
-    no move is left."""
+    `greedy_flops`, the most FLOPs; `price` is the cost, FLOPs by default); then,
+    widening, go on with the allowed moves that make the shape more probable (back towards
+    the argmax after an overshoot); stop when no move is left."""
     wi, di = list(wi), list(di)
     while True:
         free_only = not go_on(flops)
@@ -118,7 +127,7 @@ def _walk(space: SearchSpace, wi: list[int], di: list[int], flops: int,
                 moves.append((wi, [*di[:s], j, *di[s + 1:]], dlp[s][di[s]] - dlp[s][j]))
         finish: tuple[float, list[int], list[int], int] | None = None
         for w, d, cost in moves:
-            f = count_flops(space.shape(w, d))
+            f = price(space.shape(w, d))
             gain = (f - flops) * step  # FLOPs moved in the wanted direction
             if gain <= 0 or not allowed(f) or (free_only and cost >= 0):
                 continue

@@ -96,7 +96,18 @@ from tasprune.faults import Interrupted, NonFiniteLoss, StopRequest
 from tasprune.flops import count_flops, count_params
 from tasprune.models import ResNet, build_model
 from tasprune.progress import progress
-from tasprune.search.cost import FlopLoss, supernet_expected_flops, supernet_flop_loss
+from tasprune.search.cost import (
+    Budget,
+    BudgetLoss,
+    band_floor,
+    expected_cost,
+    flops_budget,
+    latency_budget,
+    normalized_cost,
+    params_budget,
+    supernet_budget_loss,
+    supernet_expected_flops,
+)
 from tasprune.search.derive import derive_in_band
 from tasprune.search.health import Health, accuracy
 from tasprune.search.sampling import SCHEDULES, entropy, mean_entropy, tau_at
@@ -135,9 +146,13 @@ class SearchConfig:
     """Hyper-parameters of the search (defaults: docs/search.md; the TAS code's values
     where the paper's procedure is kept).
 
-    flops_ratio: target FLOPs as a fraction of the unpruned network's;
-    tolerance: width of the zero-loss band below the target, as a fraction of
-    the unpruned FLOPs; flop_weight: lambda of the arch loss; topk: width
+    flops_ratio: target FLOPs as a fraction of the unpruned network's (None: no FLOP
+    budget); params_ratio: the same for the parameter count; latency_ratio: the same for
+    the latency on `latency_device` at `latency_threads` threads (0: torch's count), at
+    every batch size of `latency_batch_sizes` (priced by a measured per-layer table,
+    `tasprune.latency_table`); the derived shape meets every budget given.
+    tolerance: width of the zero-loss band below each target, as a fraction of
+    the unpruned cost; flop_weight: lambda of the arch loss; topk: width
     candidates per slot and forward of the paper's relaxation (1 = hard sample); width_ratios and
     channel_multiple: the width choices (see search.space); couple_residual: one width
     per residual stream (no stride-1 projection is ever added); split_fraction:
@@ -171,7 +186,12 @@ class SearchConfig:
     log: trackers besides metrics.jsonl ("csv", "tensorboard"; see tasprune.tracking).
     """
 
-    flops_ratio: float = 0.5
+    flops_ratio: float | None = 0.5
+    params_ratio: float | None = None
+    latency_ratio: float | None = None
+    latency_batch_sizes: tuple[int, ...] = (1, 64)
+    latency_threads: int = 0
+    latency_device: str = "cpu"
     epochs: int = 600
     batch_size: int = 256
     lr: float = 0.03
@@ -213,9 +233,28 @@ class SearchConfig:
         def fail(name: str, rule: str) -> None:
             raise ValueError(f"search config {name} = {getattr(self, name)!r}: {rule}")
 
-        if not 0 < self.flops_ratio <= 1:
-            fail("flops_ratio", "the FLOP budget is a fraction of the unpruned network's "
-                 "FLOPs in (0, 1], e.g. 0.5 for half")
+        for name, what in (("flops_ratio", "FLOPs"), ("params_ratio", "parameters"),
+                           ("latency_ratio", "latency")):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not 0 < value <= 1):
+                fail(name, f"a budget is a fraction of the unpruned network's {what} in (0, 1],"
+                     " e.g. 0.5 for half")
+        if self.flops_ratio is None and self.params_ratio is None and self.latency_ratio is None:
+            fail("flops_ratio", "give at least one budget: flops_ratio, params_ratio or "
+                 "latency_ratio")
+        object.__setattr__(self, "latency_batch_sizes",
+                           tuple(self.latency_batch_sizes))
+        if not self.latency_batch_sizes or not all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                for b in self.latency_batch_sizes):
+            fail("latency_batch_sizes", "batch sizes >= 1, e.g. [1, 64]")
+        if isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) \
+                or self.latency_threads < 0:
+            fail("latency_threads", "an integer >= 0 (0: torch's thread count)")
+        try:
+            parse_device(self.latency_device)
+        except ValueError:
+            fail("latency_device", "use 'cpu', 'cuda' or 'cuda:N'")
         for name in ("epochs", "batch_size", "topk", "channel_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -287,11 +326,18 @@ class SearchResult:
     adjusted: bool = False  # the argmax shape was outside the band and was moved into it
     argmax_flops: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    # every budget's name -> (the shape's cost, the target), fractions of the unpruned cost
+    budgets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    band_floor: float = 0.0  # of the loosest budget, its cost over its target
 
     @property
     def in_band(self) -> bool:
-        """FLOPs within the zero-loss band [target - tolerance, target]."""
-        return self.target_flops - self.tolerance_flops <= self.flops <= self.target_flops
+        """Every budget met, and the cost within the zero-loss band [target - tolerance,
+        target] of the loosest one (FLOPs alone: the FLOP band)."""
+        if not self.budgets:
+            return self.target_flops - self.tolerance_flops <= self.flops <= self.target_flops
+        worst = max(got / want for got, want in self.budgets.values())
+        return self.band_floor - 1e-12 <= worst <= 1 + 1e-12
 
 
 def check_budget(space: SearchSpace, flops_ratio: float) -> None:
@@ -304,6 +350,42 @@ def check_budget(space: SearchSpace, flops_ratio: float) -> None:
             f"{low:.4f} of the unpruned FLOPs; choose a ratio in [{math.ceil(low * 1e4) / 1e4}"
             f", 1]"
         )
+
+
+def build_budgets(config: SearchConfig, space: SearchSpace, quiet: bool = True
+                  ) -> tuple[Budget, ...]:
+    """The budgets of `config` on `space`, latency tables timed (or read from the cache)
+    first; each is checked against the smallest shape of the space."""
+    from tasprune.latency_table import LatencyTable
+
+    full = space.full
+    budgets = []
+    if config.flops_ratio is not None:
+        budgets.append(flops_budget(full, config.flops_ratio))
+    if config.params_ratio is not None:
+        budgets.append(params_budget(full, config.params_ratio))
+    if config.latency_ratio is not None:
+        for batch in config.latency_batch_sizes:
+            table = LatencyTable.cached(batch, config.latency_device, config.latency_threads)
+            keys = table.keys_of_space(space)
+            todo = len(keys - table.entries.keys())
+            if todo and not quiet:
+                print(f"latency table: timing {todo} layer configurations at batch {batch} on "
+                      f"{config.latency_device} ({table.threads} threads; cached in "
+                      f"{table.path})", file=sys.stderr, flush=True)
+            table.fill(keys)
+            budgets.append(latency_budget(full, config.latency_ratio, table))
+    smallest = space.smallest()
+    for b in budgets:
+        low = b.fraction(smallest)
+        if b.ratio < low:
+            name = b.name.split("@")[0]
+            raise ValueError(
+                f"{name} ratio {b.ratio} cannot be reached: the smallest shape of this search "
+                f"space (every conv at its narrowest width, every stage at its fewest blocks) "
+                f"has {low:.4f} of the unpruned network's {b.name}; choose a ratio in "
+                f"[{math.ceil(low * 1e4) / 1e4}, 1]")
+    return tuple(budgets)
 
 
 def _generator(seed: int, epoch: int, stream: int, device: torch.device | str = "cpu",
@@ -389,7 +471,7 @@ class StepOut:
     images, FLOP loss, architecture steps] as a float64 tensor, and whether a stop
     request was agreed (by every rank) during the step."""
 
-    flop: FlopLoss | None
+    flop: BudgetLoss | None
     stats: torch.Tensor
     stop: bool = False
 
@@ -431,15 +513,16 @@ def arch_step_arch(net: SuperNet, config: SearchConfig, tau: float,
 def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
                 valid: tuple[torch.Tensor, torch.Tensor], w_opt: torch.optim.Optimizer,
                 a_opt: torch.optim.Optimizer, config: SearchConfig, tau: float,
-                generator: torch.Generator | None, full_flops: int, *,
+                generator: torch.Generator | None, budgets: Sequence[Budget] | int, *,
                 teacher: nn.Module | None = None, arch_step: bool = True,
                 entropy_weight: float = 0.0, argmax_weight: float = 1.0,
                 dist: Dist | None = None, stop: bool = False, at: tuple[int, int] = (0, 0),
                 amp: str = "off", scalers: Sequence[torch.amp.GradScaler] = ()
                 ) -> StepOut:
     """(1) SGD on the weights with a train batch (`weight_loss`), then, when `arch_step`,
-    (2) Adam on the logits with a valid batch (CE + lambda * FLOP loss); fresh Gumbel
-    samples for each forward.
+    (2) Adam on the logits with a valid batch (CE + lambda * the loss of every budget,
+    `cost.supernet_budget_loss`; an int `budgets` is the unpruned FLOPs of a FLOP budget
+    at `config.flops_ratio`); fresh Gumbel samples for each forward.
 
     Each step computes only the gradients it applies: the logits are frozen in (1),
     the weights in (2) (autograd then skips the weight gradients of every conv).
@@ -472,8 +555,9 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
             with autocast_for(amp, xv.device):
                 out_v = net(xv, arch_step_arch(net, config, tau, generator))
                 loss_v = F.cross_entropy(out_v, yv).float()
-            fl = supernet_flop_loss(net, config.flops_ratio, config.tolerance, full_flops,
-                                    argmax_weight)
+            if isinstance(budgets, int):
+                budgets = [flops_budget(net.space.full, config.flops_ratio or 1.0)]
+            fl = supernet_budget_loss(net, budgets, config.tolerance, argmax_weight)
             loss_a = loss_v + config.flop_weight * fl.loss
             if entropy_weight > 0:
                 loss_a = loss_a + entropy_weight * (
@@ -580,6 +664,7 @@ class SearchLoop:
     steps: int
     out: Path
     shape_full: Shape
+    budgets: tuple[Budget, ...] = ()
     teacher: bool = False
     dist: Dist = field(default_factory=Dist)
     teacher_net: nn.Module | None = None  # distilled from in the weight step
@@ -709,7 +794,7 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
                             generator=run.valid_aug).contiguous(memory_format=memory_format)
         tau = loop.tau(epoch, step)
         out = search_step(net, (xt, yt.to(device)), (xv, yv.to(device)), loop.w_opt,
-                          loop.a_opt, cfg, tau, run.gumbel, loop.full_flops,
+                          loop.a_opt, cfg, tau, run.gumbel, loop.budgets or loop.full_flops,
                           teacher=loop.teacher_net, arch_step=loop.is_arch_step(epoch, step),
                           entropy_weight=loop.entropy_weight(epoch, step),
                           argmax_weight=loop.argmax_weight(epoch, step), dist=dist,
@@ -742,7 +827,8 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
         "flop_loss": s[6] / max(s[7], 1),
         "expected_flops": expected, "argmax_flops": flops,
         "expected_ratio": expected / loop.full_flops, "flops_ratio": flops / loop.full_flops,
-        "target_ratio": cfg.flops_ratio, "steps_below_band": run.moves[0],
+        "target_ratio": cfg.flops_ratio, **_budget_fields(loop.budgets, net, shape),
+        "steps_below_band": run.moves[0],
         "steps_in_band": run.moves[1], "steps_above_target": run.moves[2],
         "width_entropy": mean_entropy(*searched),
         "depth_entropy": mean_entropy(net.depth_logits, net.depth_mask),
@@ -821,7 +907,8 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     check_fits_data(shape_full, data, "network to search")
     space = SearchSpace.from_shape(shape_full, config.width_ratios, config.channel_multiple,
                                    config.couple_residual)
-    check_budget(space, config.flops_ratio)
+    if config.flops_ratio is not None:
+        check_budget(space, config.flops_ratio)
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
     found = ckpt_path.exists() or previous_path(ckpt_path).exists()
     if not resume and found:
@@ -873,6 +960,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
             distil_from = torch.compile(distil_from)
         loop = SearchLoop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
                           count_flops(shape_full), steps, out, shape_full,
+                          build_budgets(config, space, quiet or not dist.is_main),
                           teacher=teacher_state is not None, dist=dist,
                           teacher_net=distil_from,
                           health=health if config.health_images > 0 else None, amp=amp,
@@ -913,6 +1001,21 @@ def distributions(net: SuperNet) -> dict[str, tuple[tuple[int, ...], list[float]
     return out
 
 
+def _budget_fields(budgets: Sequence[Budget], net: SuperNet, shape: Shape) -> dict[str, float]:
+    """For every budget but the FLOPs (always logged): the argmax shape's cost and the
+    expected cost as fractions of the unpruned network's, and the target."""
+    out = {}
+    for b in budgets:
+        if b.name == "flops":
+            continue
+        expected = expected_cost(net.space, net.width_logits, net.depth_logits,
+                                 net.width_mask, net.depth_mask, b.expected)
+        out[f"{b.name}_ratio"] = b.fraction(shape)
+        out[f"expected_{b.name}_ratio"] = float(expected.detach()) / b.full
+        out[f"target_{b.name}_ratio"] = b.ratio
+    return out
+
+
 def _epoch_line(record: dict[str, Any], config: SearchConfig) -> str:
     """The one line a search prints per epoch: its health at a glance."""
     line = (f"search epoch {record['epoch']}/{config.epochs}: tau {record['tau']:.2f}  "
@@ -921,8 +1024,14 @@ def _epoch_line(record: dict[str, Any], config: SearchConfig) -> str:
         line += f"  argmax shape acc {record['subnet_acc']:.3f}"
         if "teacher_acc" in record:
             line += f" (teacher {record['teacher_acc']:.3f})"
-    return (line + f"  FLOPs {record['flops_ratio']:.3f} (expected "
-            f"{record['expected_ratio']:.3f}, target {config.flops_ratio})  entropy width "
+    line += (f"  FLOPs {record['flops_ratio']:.3f} (expected {record['expected_ratio']:.3f}"
+             + (f", target {config.flops_ratio})" if config.flops_ratio else ")"))
+    for key in record:
+        if key.startswith("target_") and key != "target_ratio":
+            name = key.removeprefix("target_").removesuffix("_ratio")
+            line += (f"  {name} {record[f'{name}_ratio']:.3f} (expected "
+                     f"{record[f'expected_{name}_ratio']:.3f}, target {record[key]})")
+    return (line + "  entropy width "
             f"{record['width_entropy']:.2f}/{record['width_entropy_max']:.2f} depth "
             f"{record['depth_entropy']:.2f}/{record['depth_entropy_max']:.2f}  "
             f"{record['images_per_s']:.0f} img/s")
@@ -932,17 +1041,24 @@ def _finish(loop: SearchLoop, metrics_path: Path) -> SearchResult:
     """Derive the shape (the argmax, moved into the FLOP band when it is outside), write
     shape.json and the "derive" metrics line (rank 0)."""
     net, config, shape_full, dist = loop.net, loop.config, loop.shape_full, loop.dist
-    derived = derive_in_band(net.space, net.slot_width_logits(), net.depth_logits, net.width_mask,
-                             net.depth_mask, config.flops_ratio, config.tolerance,
-                             fill=config.fill)
+    budgets = loop.budgets or (flops_budget(shape_full, config.flops_ratio or 1.0),)
+    only_flops = [b.name for b in budgets] == ["flops"]
+    floor = band_floor(budgets, config.tolerance)
+    derived = derive_in_band(
+        net.space, net.slot_width_logits(), net.depth_logits, net.width_mask, net.depth_mask,
+        budgets[0].ratio, config.tolerance, fill=config.fill,
+        cost=None if only_flops else (normalized_cost(budgets), 1.0, floor))
     shape = derived.shape
     full = loop.full_flops
+    ratio = 1.0 if config.flops_ratio is None else config.flops_ratio
     result = SearchResult(
         shape=shape, flops=derived.flops, params=count_params(shape), full_flops=full,
-        target_flops=config.flops_ratio * full, tolerance_flops=config.tolerance * full,
+        target_flops=ratio * full, tolerance_flops=config.tolerance * full,
         epochs=config.epochs, out_dir=loop.out, adjusted=derived.adjusted,
         argmax_flops=derived.argmax_flops,
         history=[r for r in read_jsonl(metrics_path) if r.get("phase") == "search"],
+        budgets={b.name: (b.fraction(shape), b.ratio) for b in budgets},
+        band_floor=floor,
     )
     if dist.is_main:
         shape.save(loop.out / SHAPE)
@@ -955,6 +1071,8 @@ def _finish(loop: SearchLoop, metrics_path: Path) -> SearchResult:
             "blocks": list(shape.blocks), "adjusted": derived.adjusted,
             "argmax_flops": derived.argmax_flops,
             "argmax_ratio": derived.argmax_flops / full,
+            "budgets": {name: {"ratio": got, "target": want}
+                        for name, (got, want) in result.budgets.items()},
         }
         if loop.health is not None:
             record.update(loop.health.measure(net, shape))
