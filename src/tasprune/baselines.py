@@ -143,7 +143,8 @@ def random_shape(full: Shape, flops_ratio: float, samples: int = 1000, seed: int
     depth choices, each uniformly (`ratios`/`multiple_of`/`coupled` as in
     `SearchSpace.from_shape`: with `coupled` a residual stream draws once). Of the
     draws at or below `flops_ratio` of the full FLOPs, the one with the most FLOPs is
-    kept; draws above the budget are never chosen. Slots of dropped blocks are set to their full width (they are unused).
+    kept; draws above the budget are never chosen. Slots of dropped blocks are set to
+    their full width (they are unused).
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
