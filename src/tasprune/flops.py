@@ -96,16 +96,19 @@ def _mean(w: Width) -> Number:
     return w if isinstance(w, int) else w.mean()
 
 
-def _product_if_differ(a: Width, b: Width) -> Number:
-    """E[a * b * (a != b)] for independent a and b (exact for ints)."""
+def _product_if_differ(a: Width, b: Width, with_a: bool = True) -> Number:
+    """E[a * b * (a != b)] for independent a and b (exact for ints); without `with_a`,
+    E[b * (a != b)]."""
     if isinstance(a, int) and isinstance(b, int):
-        return a * b if a != b else 0
+        return (a if with_a else 1) * b if a != b else 0
     if a is b:  # one variable (tied widths): never differs from itself
         return 0
     da, db = (_as_dist(w, ref) for w, ref in ((a, b), (b, a)))
     same = (da.values[:, None] == db.values[None, :]).to(da.probs.dtype)
-    both = da.probs[:, None] * db.probs[None, :] * da.values[:, None] ** 2
-    return da.mean() * db.mean() - (same * both).sum()
+    both = da.probs[:, None] * db.probs[None, :] * db.values[None, :]
+    if with_a:
+        return da.mean() * db.mean() - (same * both * da.values[:, None]).sum()
+    return db.mean() - (same * both).sum()
 
 
 def _as_dist(w: Width, ref: Width) -> WidthDist:
@@ -122,8 +125,10 @@ def _layers(skel: Skeleton, widths: Sequence[Width], depths: Sequence[Depth]) ->
              bn: bool = True, cross: Number | None = None, op: tuple[object, ...] = ()
              ) -> Layer:
         # `cross` replaces E[cin*cout] where the layer's existence depends on the widths
+        # (and E[cout * exists] replaces E[cout] for its BN)
         macs = _mean(cin) * _mean(cout) if cross is None else cross
-        params = macs * k * k + (2 * _mean(cout) if bn else 0)
+        outs = _mean(cout) if cross is None else _product_if_differ(cin, cout, with_a=False)
+        params = macs * k * k + (2 * outs if bn else 0)
         return Layer(name, "conv", _mean(cin), _mean(cout), k, res,
                      weight * macs * k * k * res * res, weight * params, cin, cout, weight, op,
                      cross is not None)
