@@ -11,12 +11,17 @@
 Depths stay full for uniform and l1 (they prune channels only). All three
 return a `Shape`; training it (with KD, weight inheritance for l1) is the same
 recipe as for a searched shape.
+
+Each method also takes another budget than the FLOPs: `cost` maps a shape to its
+cost over the budget (at most 1 when it fits; several budgets: the largest such
+ratio, `tasprune.search.cost.normalized_cost`), and the method keeps the costliest
+shape that fits, as it does with the FLOPs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -27,7 +32,19 @@ from tasprune.shape import Shape
 METHODS = ("uniform", "l1", "random")
 
 
-def _check_ratio(full: Shape, flops_ratio: float, floor: Shape, method: str = "") -> int:
+Cost = Callable[[Shape], float]
+
+
+def _check_ratio(full: Shape, flops_ratio: float, floor: Shape, method: str = "",
+                 cost: Cost | None = None) -> tuple[Cost, float]:
+    """The price of a shape and the target it must stay at or under (FLOPs, or `cost`
+    and 1), after checking that `floor`, the method's smallest shape, fits."""
+    which = f"{'the ' + method + ' method' if method else 'this method'}"
+    if cost is not None:
+        if cost(floor) > 1:
+            raise ValueError(f"the budget cannot be reached by {which}: its smallest shape "
+                             f"costs {cost(floor):.3f} of the budget")
+        return cost, 1.0
     if not (math.isfinite(flops_ratio) and 0 < flops_ratio <= 1):
         raise ValueError(f"flops ratio must be in (0, 1], got {flops_ratio}")
     target = flops_ratio * count_flops(full)
@@ -36,10 +53,9 @@ def _check_ratio(full: Shape, flops_ratio: float, floor: Shape, method: str = ""
         low = smallest / count_flops(full)
         raise ValueError(
             f"flops ratio {flops_ratio} is below the smallest reachable {low:.4f} (of the "
-            f"unpruned FLOPs) for {'the ' + method + ' method' if method else 'this method'}; "
-            f"choose a ratio in [{math.ceil(low * 1e4) / 1e4}, 1]"
+            f"unpruned FLOPs) for {which}; choose a ratio in [{math.ceil(low * 1e4) / 1e4}, 1]"
         )
-    return int(target)
+    return count_flops, int(target)
 
 
 def smallest_shape(method: str, full: Shape, ratios: Sequence[float] = DEFAULT_RATIOS,
@@ -55,9 +71,11 @@ def smallest_shape(method: str, full: Shape, ratios: Sequence[float] = DEFAULT_R
 
 
 def check_method_ratio(method: str, full: Shape, flops_ratio: float,
-                       ratios: Sequence[float] = DEFAULT_RATIOS, multiple_of: int = 1) -> None:
+                       ratios: Sequence[float] = DEFAULT_RATIOS, multiple_of: int = 1,
+                       cost: Cost | None = None) -> None:
     """Refuse a budget `method` cannot reach (naming the reachable range), before any training."""
-    _check_ratio(full, flops_ratio, smallest_shape(method, full, ratios, multiple_of), method)
+    _check_ratio(full, flops_ratio, smallest_shape(method, full, ratios, multiple_of), method,
+                 cost)
 
 
 def _scaled(full: Shape, ratio: float) -> Shape:
@@ -65,15 +83,17 @@ def _scaled(full: Shape, ratio: float) -> Shape:
     return full.replace(widths=widths, blocks=full.depths)
 
 
-def uniform_shape(full: Shape, flops_ratio: float, tol: float = 1e-4) -> Shape:
+def uniform_shape(full: Shape, flops_ratio: float, tol: float = 1e-4,
+                  cost: Cost | None = None) -> Shape:
     """Every conv keeps round(r * C) channels; r is the largest with FLOPs <= target."""
-    target = _check_ratio(full, flops_ratio, smallest_shape("uniform", full), "uniform")
+    price, target = _check_ratio(full, flops_ratio, smallest_shape("uniform", full),
+                                 "uniform", cost)
     lo, hi = 0.0, 1.0
-    if count_flops(_scaled(full, hi)) <= target:
+    if price(_scaled(full, hi)) <= target:
         return _scaled(full, hi)
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        if count_flops(_scaled(full, mid)) <= target:
+        if price(_scaled(full, mid)) <= target:
             lo = mid
         else:
             hi = mid
@@ -85,7 +105,8 @@ def _min_widths(full: Shape, min_ratio: float) -> tuple[int, ...]:
 
 
 def l1_shape(full: Shape, teacher_state: Mapping[str, torch.Tensor], flops_ratio: float,
-             min_ratio: float = 0.1, chunk: float = 0.005) -> Shape:
+             min_ratio: float = 0.1, chunk: float = 0.005, cost: Cost | None = None
+             ) -> Shape:
     """Global L1-norm ranking: drop the filters with the smallest mean |weight| first.
 
     `teacher_state` is the state dict of the full network (`build_model(full)`).
@@ -94,7 +115,7 @@ def l1_shape(full: Shape, teacher_state: Mapping[str, torch.Tensor], flops_ratio
     the FLOPs are at or below `flops_ratio` of the full network's.
     """
     floor = _min_widths(full, min_ratio)
-    target = _check_ratio(full, flops_ratio, full.replace(widths=floor), "l1")
+    price, target = _check_ratio(full, flops_ratio, full.replace(widths=floor), "l1", cost)
     scores = []  # (score, slot) for every filter
     for slot, name in enumerate(_slot_weight_names(full)):
         if name not in teacher_state:
@@ -110,7 +131,7 @@ def l1_shape(full: Shape, teacher_state: Mapping[str, torch.Tensor], flops_ratio
     widths = list(full.full_widths)
     step = max(1, int(chunk * len(scores)))
     i = 0
-    flops = count_flops(full)
+    flops = price(full)
     while flops > target and i < len(scores):
         n = step if flops > 1.05 * target else 1  # coarse steps far from the target
         taken = 0
@@ -120,7 +141,7 @@ def l1_shape(full: Shape, teacher_state: Mapping[str, torch.Tensor], flops_ratio
             if widths[slot] > floor[slot]:
                 widths[slot] -= 1
                 taken += 1
-        flops = count_flops(full.replace(widths=tuple(widths)))
+        flops = price(full.replace(widths=tuple(widths)))
     return full.replace(widths=tuple(widths))
 
 
@@ -136,7 +157,7 @@ def _slot_weight_names(full: Shape) -> list[str]:
 
 def random_shape(full: Shape, flops_ratio: float, samples: int = 1000, seed: int = 0,
                  ratios: Sequence[float] = DEFAULT_RATIOS, multiple_of: int = 1,
-                 coupled: bool = False) -> Shape:
+                 coupled: bool = False, cost: Cost | None = None) -> Shape:
     """The best of `samples` shapes drawn uniformly from the TAS search space.
 
     Every conv slot draws one of its width choices and every stage one of its
@@ -149,16 +170,16 @@ def random_shape(full: Shape, flops_ratio: float, samples: int = 1000, seed: int
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     space = SearchSpace.from_shape(full, ratios, multiple_of, coupled)
-    target = _check_ratio(full, flops_ratio, space.smallest(), "random")
+    price, target = _check_ratio(full, flops_ratio, space.smallest(), "random", cost)
     gen = torch.Generator().manual_seed(seed)
     n_widths = torch.tensor([len(c) for c in space.widths])
     n_depths = torch.tensor([len(c) for c in space.depths])
     width_idx = (torch.rand(samples, space.num_slots, generator=gen) * n_widths).long()
     depth_idx = (torch.rand(samples, space.num_stages, generator=gen) * n_depths).long()
-    best: tuple[int, Shape] | None = None
+    best: tuple[float, Shape] | None = None
     for w, d in zip(width_idx.tolist(), depth_idx.tolist(), strict=True):
         shape = _tidy(space.shape(w, d))
-        flops = count_flops(shape)
+        flops = price(shape)
         if flops <= target and (best is None or flops > best[0]):
             best = (flops, shape)
     if best is None:

@@ -48,9 +48,27 @@ def flops_ratio(text: str) -> float:
         value = math.nan
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number in (0, 1]; the FLOP budget is a fraction of the unpruned "
-            "model's FLOPs, e.g. 0.5 for half")
+            f"{text!r} is not a number in (0, 1]; a budget is a fraction of the unpruned "
+            "model's cost (FLOPs, parameters or latency), e.g. 0.5 for half")
     return value
+
+
+def _add_budget_arguments(p: argparse.ArgumentParser, flops_help: str) -> None:
+    """--flops-ratio, --params-ratio, --latency-ratio and the shape-space flags."""
+    p.add_argument("--flops-ratio", type=flops_ratio, metavar="R", help=flops_help)
+    p.add_argument("--params-ratio", type=flops_ratio, metavar="R", help="parameter budget "
+                   "as a fraction of the unpruned model's parameter count, in (0, 1]")
+    p.add_argument("--latency-ratio", type=flops_ratio, metavar="R", help="latency budget: "
+                   "the pruned net's latency on this machine's CPU (at the thread count in "
+                   "use) at batch 1 and 64 at most R times the unpruned net's, priced by a "
+                   "per-layer latency table timed once and cached under ~/.cache/tasprune "
+                   "(search.latency_batch_sizes, search.latency_device, "
+                   "search.latency_threads change it); without --flops-ratio, no FLOP budget")
+    p.add_argument("--channel-multiple", type=int, metavar="N", help="round every width "
+                   "choice to a multiple of N, e.g. 8 (default 1: no rounding)")
+    p.add_argument("--couple-residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="one width per residual stream, so no stride-1 projection is added "
+                   "(search.couple_residual)")
 
 
 def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
@@ -339,8 +357,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="registered model name (see `tasprune models`)")
     p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
-    p.add_argument("--flops-ratio", type=flops_ratio, required=True, metavar="R",
-                   help="FLOP budget as a fraction of the unpruned model's FLOPs, in (0, 1]")
+    _add_budget_arguments(p, "FLOP budget as a fraction of the unpruned model's FLOPs, in "
+                          "(0, 1]; give at least one of the three budgets")
     p.add_argument("--epochs", type=int, required=True, help="search epochs (paper: 600)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     p.add_argument("--teacher", metavar="PATH", help="start the supernet from this trained "
@@ -351,8 +369,6 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help=f"random seed (default {defaults['seed']})")
     p.add_argument("--batch-size", type=int, help="batch size of each half (default "
                    f"{defaults['batch_size']})")
-    p.add_argument("--channel-multiple", type=int, metavar="N", help="round every width "
-                   "choice to a multiple of N, e.g. 8 (default 1: no rounding)")
     p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="also write search.pt "
                    "after every N steps, so a stopped or killed search loses less (default 0: "
@@ -369,22 +385,27 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from tasprune.export import load_pruned
-    from tasprune.search.searcher import SearchConfig, check_budget, search
-    from tasprune.search.space import SearchSpace
+    from tasprune.search.searcher import SearchConfig, check_budget, search, space_of
 
     check_out_dir(args.out)
+    if args.flops_ratio is None and args.params_ratio is None and args.latency_ratio is None:
+        raise UserError("give a budget: --flops-ratio, --params-ratio and/or --latency-ratio "
+                        "(e.g. --flops-ratio 0.5 for half the FLOPs)")
     if args.resume:
         check_resume(args.out, "search.pt")
     data = _load_data(args.data, args.quiet)
     full = Shape.full(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
                       resolution=data.resolution)
-    multiple = 1 if args.channel_multiple is None else args.channel_multiple
-    check_budget(SearchSpace.from_shape(full, multiple_of=multiple), args.flops_ratio)
     settings = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device,
-                "checkpoint_every": args.checkpoint_every, "amp": args.amp, "log": args.log}
-    config = SearchConfig(flops_ratio=args.flops_ratio, epochs=args.epochs,
-                          channel_multiple=multiple, compile=args.compile,
+                "checkpoint_every": args.checkpoint_every, "amp": args.amp, "log": args.log,
+                "channel_multiple": args.channel_multiple,
+                "couple_residual": args.couple_residual}
+    config = SearchConfig(flops_ratio=args.flops_ratio, params_ratio=args.params_ratio,
+                          latency_ratio=args.latency_ratio, epochs=args.epochs,
+                          compile=args.compile,
                           **{k: v for k, v in settings.items() if v is not None})
+    if config.flops_ratio is not None:
+        check_budget(space_of(config, full), config.flops_ratio)
     teacher_state = None
     if args.teacher:
         teacher = load_pruned(args.teacher)
@@ -401,10 +422,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     if env_rank():
         return 0  # under torchrun, rank 0 reports
     band = "inside" if result.in_band else "outside"
+    costs = ", ".join(f"{name} {got:.3f} (target {want})"
+                      for name, (got, want) in result.budgets.items() if name != "flops")
+    flops_target = ("" if config.flops_ratio is None else
+                    f" (target {config.flops_ratio}, {band} the band "
+                    f"[{config.flops_ratio - config.tolerance:.3f}, {config.flops_ratio}])")
     print(f"{args.out}: searched {result.shape.describe()}: FLOPs {_fmt_count(result.flops)} "
-          f"= {result.flops / result.full_flops:.3f} of the unpruned {args.model} (target "
-          f"{config.flops_ratio}, {band} the band [{config.flops_ratio - config.tolerance:.3f}, "
-          f"{config.flops_ratio}]), params {_fmt_count(result.params)}")
+          f"= {result.flops / result.full_flops:.3f} of the unpruned {args.model}"
+          f"{flops_target}, params {_fmt_count(result.params)}"
+          + (f"; of the unpruned net: {costs} ({band} the band)" if costs else ""))
     if result.adjusted and result.argmax_flops is not None:
         print(f"the most probable shape ({result.argmax_flops / result.full_flops:.3f} of the "
               "FLOPs) was outside the band: the shape was moved into it, to the in-band shape "
@@ -606,8 +632,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="run directory (created, with its parent if only that is missing)")
     p.add_argument("--model", help="model name (default: the recipe's, else resnet20)")
     p.add_argument("--data", help=DATA_SPEC_HELP)
-    p.add_argument("--flops-ratio", type=flops_ratio, help="target FLOPs as a fraction of the "
-                   "unpruned model's, in (0, 1]")
+    _add_budget_arguments(p, "target FLOPs as a fraction of the unpruned model's, in (0, 1]")
     p.add_argument("--teacher", help="trained unpruned model (run dir or model.safetensors); "
                    "without it a teacher is trained first")
     p.add_argument("--config", help="recipe: a YAML file or a shipped name (see "
@@ -627,9 +652,16 @@ def _log_override(sinks: tuple[str, ...] | None) -> list[str]:
 def _prune_overrides(args: argparse.Namespace) -> list[str]:
     flags = []
     for key, value in (("model", args.model), ("data", args.data), ("method", args.method),
-                       ("search.flops_ratio", args.flops_ratio), ("teacher", args.teacher)):
+                       ("search.flops_ratio", args.flops_ratio),
+                       ("search.params_ratio", args.params_ratio),
+                       ("search.latency_ratio", args.latency_ratio),
+                       ("search.channel_multiple", args.channel_multiple),
+                       ("search.couple_residual", args.couple_residual),
+                       ("teacher", args.teacher)):
         if value is not None:
-            flags.append(f"{key}={value}")
+            flags.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    if args.flops_ratio is None and (args.params_ratio or args.latency_ratio):
+        flags.append("search.flops_ratio=null")  # another budget alone: no FLOP budget
     if args.no_kd:
         flags.append("train.kd_alpha=0")
     for phase in ("teacher_train", "search", "train"):

@@ -51,8 +51,15 @@ from tasprune.flops import count_flops, count_params
 from tasprune.latency import LatencyConfig
 from tasprune.models import ResNet
 from tasprune.report import write_report
-from tasprune.search.searcher import SearchConfig, check_budget, search
-from tasprune.search.space import SearchSpace
+from tasprune.search.cost import normalized_cost
+from tasprune.search.searcher import (
+    SearchConfig,
+    build_budgets,
+    check_budget,
+    describe_budgets,
+    search,
+    space_of,
+)
 from tasprune.shape import Shape
 from tasprune.tracking import check_sinks, log_record
 from tasprune.train.checkpoint import previous_path
@@ -180,11 +187,13 @@ def _has_phase(path: Path, phase: str) -> bool:
 
 
 def check_reachable(config: PruneConfig, full: Shape) -> None:
-    """Refuse a FLOP budget below the smallest shape the method can give (before any training)."""
+    """Refuse a FLOP budget below the smallest shape the method can give (before any
+    training; parameter and latency budgets are checked where they are priced)."""
     search = config.search
+    if search.flops_ratio is None:
+        return
     if config.method == "tas":
-        check_budget(SearchSpace.from_shape(full, search.width_ratios, search.channel_multiple),
-                     search.flops_ratio)
+        check_budget(space_of(search, full), search.flops_ratio)
     else:
         check_method_ratio(config.method, full, search.flops_ratio, ratios=search.width_ratios,
                            multiple_of=search.channel_multiple)
@@ -275,8 +284,8 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
             print(f"[tasprune] warning: {metrics} is missing; the report will lack the "
                   "search and training curves", file=sys.stderr)
     elif config.method != "tas":
-        _log(quiet, f"shape: the {config.method} baseline at {config.search.flops_ratio} of "
-             "the FLOPs")
+        _log(quiet, f"shape: the {config.method} baseline at "
+             f"{describe_budgets(config.search)}")
         shape = baseline_shape(config, full, teacher)  # deterministic: equal on every rank
         if dist.is_main:
             _write_shape(config, full, shape, out)
@@ -287,7 +296,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
             _log(quiet, "search: the teacher is not the unpruned model; the supernet starts "
                  "from scratch")
         _log(quiet, f"search: {'resuming' if resume else 'searching'} at "
-             f"{config.search.flops_ratio} of the FLOPs for {config.search.epochs} epochs")
+             f"{describe_budgets(config.search)} for {config.search.epochs} epochs")
         found = search(full, data, config.search, out, teacher_state=teacher_state,
                        resume=resume, quiet=quiet)
         shape = found.shape
@@ -329,20 +338,24 @@ def _is_unpruned(teacher: ResNet, full: Shape) -> bool:
 
 
 def baseline_shape(config: PruneConfig, full: Shape, teacher: ResNet) -> Shape:
-    """The shape of a baseline method (uniform, l1, random) at search.flops_ratio."""
-    ratio = config.search.flops_ratio
+    """The shape of a baseline method (uniform, l1, random) at the search's budgets."""
+    search = config.search
+    ratio = 1.0 if search.flops_ratio is None else search.flops_ratio
+    budgets = build_budgets(search, space_of(search, full))
+    cost = None if [b.name for b in budgets] == ["flops"] else normalized_cost(budgets)
     if config.method == "uniform":
-        return uniform_shape(full, ratio)
+        return uniform_shape(full, ratio, cost=cost)
     if config.method == "random":
         return random_shape(full, ratio, samples=config.random_samples,
-                            seed=config.search.seed, ratios=config.search.width_ratios,
-                            multiple_of=config.search.channel_multiple)
+                            seed=search.seed, ratios=search.width_ratios,
+                            multiple_of=search.channel_multiple,
+                            coupled=search.couple_residual, cost=cost)
     if config.method == "l1":
         if not _is_unpruned(teacher, full):
             raise ValueError(f"method l1 ranks the filters of the unpruned {config.model}, but "
                              f"the teacher is {teacher.shape.describe()}; give a trained "
                              f"unpruned {config.model} as teacher, or none to train one")
-        return l1_shape(full, teacher.state_dict(), ratio)
+        return l1_shape(full, teacher.state_dict(), ratio, cost=cost)
     raise ValueError(f"no baseline method {config.method!r}")
 
 
@@ -353,9 +366,12 @@ def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path) -> N
     log_record(out / "metrics.jsonl", {
         "phase": "derive", "method": config.method, "epoch": 0, "flops": flops,
         "params": count_params(shape), "full_flops": full_flops,
-        "full_params": count_params(full), "target_flops": config.search.flops_ratio * full_flops,
+        "full_params": count_params(full),
+        "target_flops": (config.search.flops_ratio or 1.0) * full_flops,
         "flops_ratio": flops / full_flops, "target_ratio": config.search.flops_ratio,
         "blocks": list(shape.blocks),
+        "budgets": {b.name: {"ratio": b.fraction(shape), "target": b.ratio}
+                    for b in build_budgets(config.search, space_of(config.search, full))},
     }, config.log)
 
 

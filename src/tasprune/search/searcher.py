@@ -352,6 +352,26 @@ def check_budget(space: SearchSpace, flops_ratio: float) -> None:
         )
 
 
+def describe_budgets(config: SearchConfig) -> str:
+    """The budgets of a search config in words, e.g. "0.5 of the FLOPs"."""
+    parts = []
+    if config.flops_ratio is not None:
+        parts.append(f"{config.flops_ratio} of the FLOPs")
+    if config.params_ratio is not None:
+        parts.append(f"{config.params_ratio} of the parameters")
+    if config.latency_ratio is not None:
+        batches = ", ".join(str(b) for b in config.latency_batch_sizes)
+        parts.append(f"{config.latency_ratio} of the {config.latency_device} latency (batch "
+                     f"{batches})")
+    return " and ".join(parts)
+
+
+def space_of(config: SearchConfig, full: Shape) -> SearchSpace:
+    """The search space a config searches on the unpruned network `full`."""
+    return SearchSpace.from_shape(full, config.width_ratios, config.channel_multiple,
+                                  config.couple_residual)
+
+
 def build_budgets(config: SearchConfig, space: SearchSpace, quiet: bool = True
                   ) -> tuple[Budget, ...]:
     """The budgets of `config` on `space`, latency tables timed (or read from the cache)
@@ -905,8 +925,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
     """
     out = Path(out_dir)
     check_fits_data(shape_full, data, "network to search")
-    space = SearchSpace.from_shape(shape_full, config.width_ratios, config.channel_multiple,
-                                   config.couple_residual)
+    space = space_of(config, shape_full)
     if config.flops_ratio is not None:
         check_budget(space, config.flops_ratio)
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
