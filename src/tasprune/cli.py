@@ -400,12 +400,12 @@ def cmd_search(args: argparse.Namespace) -> int:
                 "checkpoint_every": args.checkpoint_every, "amp": args.amp, "log": args.log,
                 "channel_multiple": args.channel_multiple,
                 "couple_residual": args.couple_residual}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if args.flops_ratio is not None:  # first, to name the reachable range
+        check_budget(space_of(SearchConfig(**settings), full), args.flops_ratio)
     config = SearchConfig(flops_ratio=args.flops_ratio, params_ratio=args.params_ratio,
                           latency_ratio=args.latency_ratio, epochs=args.epochs,
-                          compile=args.compile,
-                          **{k: v for k, v in settings.items() if v is not None})
-    if config.flops_ratio is not None:
-        check_budget(space_of(config, full), config.flops_ratio)
+                          compile=args.compile, **settings)
     teacher_state = None
     if args.teacher:
         teacher = load_pruned(args.teacher)
