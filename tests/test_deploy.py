@@ -132,3 +132,36 @@ def test_onnxruntime_missing_names_the_package(monkeypatch):
                         lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     assert onnxruntime_missing() == ("onnxruntime is not installed "
                                      "(pip install 'tasprune[dev]')")
+
+
+def _tiny_config(**kwargs):
+    return LatencyConfig(**{"batch_sizes": (1,), "warmup": 0, "repeats": 1, "min_repeats": 1,
+                            "rounds": 2, **kwargs})
+
+
+def test_latency_report_says_why_onnxruntime_was_skipped(monkeypatch, one_thread):
+    import tasprune.evaluation as evaluation
+
+    full = Shape.full("resnet8", resolution=8)
+    model = build_model(full.replace(widths=tuple(max(1, w // 2) for w in full.widths)))
+    monkeypatch.setattr(evaluation, "onnxruntime_missing", lambda: "onnx is not installed")
+    out = evaluation.latency_report(model, (3, 8, 8), _tiny_config(), dense=build_model(full),
+                                    name="pruned")
+    assert set(out["ms"]) == {"dense", "pruned", "folded"} and out["baseline"] == "dense"
+    assert set(out["speedup"]) == {"pruned", "folded"}
+    assert out["onnxruntime_skipped"] == "onnx is not installed"
+    lines = evaluation.latency_lines(out)
+    assert lines[0].startswith(f"CPU latency, {out['threads']} threads, 2 rounds")
+    assert "speed-up vs unpruned" in lines[1] and "folded BN, PyTorch" in lines[-2]
+    assert lines[-1] == "  ONNX Runtime skipped: onnx is not installed"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter says no\nwith a long trace")
+
+    monkeypatch.setattr(evaluation, "onnxruntime_missing", lambda: None)
+    monkeypatch.setattr("tasprune.export.export_onnx", broken)
+    out = evaluation.latency_report(model, (3, 8, 8), _tiny_config())
+    assert out["onnxruntime_skipped"] == "the ONNX export or session failed: exporter says no"
+    assert set(out["ms"]) == {"model", "folded"} and out["baseline"] == "model"
+    out = evaluation.latency_report(model, (3, 8, 8), _tiny_config(deploy=False))
+    assert set(out["ms"]) == {"model"} and "latency.deploy=false" in out["onnxruntime_skipped"]

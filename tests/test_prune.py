@@ -84,3 +84,17 @@ def test_prune_end_to_end_then_rerun_skips(tmp_path, capsys):
     assert main(args) == 0
     assert "metrics.jsonl is missing" in capsys.readouterr().err
     assert (out / "shape.json").read_text() == shape
+
+
+def test_a_run_saved_before_the_paired_latency_settings_still_resumes():
+    from tasprune.config import to_dict
+    from tasprune.prune import _differences, _with_added_keys
+
+    config = load_prune_config("demo")
+    saved = to_dict(config)
+    for key in ("rounds", "threads", "deploy"):
+        del saved["latency"][key]  # a config.yaml written by an earlier tasprune
+    assert _differences(_with_added_keys(saved), to_dict(config)) == []
+    saved["latency"]["rounds"] = 3
+    assert _differences(_with_added_keys(saved), to_dict(config)) == [
+        "latency.rounds: 3 -> 5"]
