@@ -56,6 +56,11 @@ def test_prune_end_to_end_then_rerun_skips(tmp_path, capsys):
     assert summary["flops_pruned"] == count_flops(model.shape)
     assert summary["flops_full"] > summary["flops_pruned"]
     assert 0 <= summary["acc_pruned"] <= 1 and set(summary["latency_ms"]["pruned"]) == {"1", "64"}
+    lat = summary["latency"]  # one paired measurement: teacher, pruned, folded (PyTorch, ORT)
+    assert lat["baseline"] == "dense" and summary["latency_threads"] == lat["threads"]
+    assert {"pruned", "folded"} <= set(lat["speedup"]) and lat["rounds"] == 5
+    assert ("onnxruntime" in lat["ms"]) == (lat["onnxruntime_skipped"] is None)
+    assert "folded BN, PyTorch, batch 64" in (out / "report.md").read_text()
     phases = [r["phase"] for r in read_jsonl(out / "metrics.jsonl")]
     assert phases.count("search") == 2 and phases.count("derive") == 1
     assert phases.count("train") == 1
