@@ -2,15 +2,17 @@
 
 For every pruned shape (the published TAS shapes shipped with tasprune, and/or the
 shape.json of run directories) the unpruned network of the same family, classes and
-resolution is timed against it with `tasprune.latency.measure_latency` (random
+resolution is timed against it with `tasprune.latency.paired_latency` (random
 weights and input: latency does not depend on them; eval mode, inference_mode,
-warm-up, median of repeats). Dense and pruned alternate over `--rounds` rounds so
-load on a shared machine hits both; each reported number is the median of the
-rounds' medians. CPU always; CUDA too when present (or pick with --devices).
+warm-up): dense and pruned alternate over `--rounds` rounds so load on a shared
+machine hits both; a latency is the median of the rounds' medians, a speed-up the
+median of the per-round ratios dense / pruned, each with its min and max over the
+rounds. CPU always; CUDA too when present (or pick with --devices).
 
 Prints one JSON line per model and device: FLOPs and params of both, flops_ratio
-(pruned / dense), flops_speedup (dense / pruned FLOPs: the ideal speed-up), and the
-measured latency_ms and speedup by batch size; --markdown adds a table at the end.
+(pruned / dense), flops_speedup (dense / pruned FLOPs: the ideal speed-up), threads,
+rounds, the measured latency_ms (medians) and speedup by batch size, and their
+spread (latency_spread_ms, speedup_spread: [min, max]); --markdown adds a table.
 
     python benchmarks/latency.py --paper C010 --threads 2 --batch-sizes 1 64 --repeats 10
     python benchmarks/latency.py --runs runs/demo --paper ImageNet-ResNet18V1 --batch-sizes 1
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from tasprune import Shape, build_model, count_flops, count_params, paper_shape, paper_shape_names
-from tasprune.latency import LatencyConfig, measure_latency
+from tasprune.latency import LatencyConfig, paired_latency
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,9 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--repeats", type=int, default=10, help="timed passes per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed passes before each round")
-    p.add_argument("--rounds", type=int, default=3, help="dense/pruned alternations")
+    p.add_argument("--rounds", type=int, default=3, help="rounds alternating dense and pruned")
     p.add_argument("--max-seconds", type=float, default=10.0,
-                   help="stop a round's repeats after this long (at least 1 pass)")
+                   help="time cap of a batch size's timed passes over all rounds and both "
+                   "models (at least 1 pass per round)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--devices", nargs="+", help="cpu and/or cuda (default: cpu, and cuda "
                    "when available)")
@@ -76,39 +78,39 @@ def _run_shape(path: str) -> Shape:
     return Shape.load(file)
 
 
-def compare(name: str, pruned: Shape, device: str, config: LatencyConfig, rounds: int
-            ) -> dict[str, Any]:
-    """Time the unpruned net of `pruned`'s family against it; one result record."""
+def compare(name: str, pruned: Shape, device: str, config: LatencyConfig) -> dict[str, Any]:
+    """Time the unpruned net of `pruned`'s family against it (paired, `config.rounds`
+    rounds); one result record."""
     dense = pruned.replace(widths=pruned.full_widths, blocks=pruned.depths)
     size = (pruned.in_channels, pruned.resolution, pruned.resolution)
-    models = {"dense": build_model(dense), "pruned": build_model(pruned)}
     config = LatencyConfig(**{**config.__dict__, "device": device})
-    per_round: dict[str, dict[int, list[float]]] = {k: {} for k in models}
-    for _ in range(rounds):
-        for key, model in models.items():
-            for batch, ms in measure_latency(model, size, config).items():
-                per_round[key].setdefault(batch, []).append(ms)
-    latency = {k: {str(b): statistics.median(v) for b, v in rows.items()}
-               for k, rows in per_round.items()}
+    result = paired_latency({"dense": build_model(dense), "pruned": build_model(pruned)},
+                            size, config)
+    ms = {k: result.ms(k) for k in ("dense", "pruned")}
+    speed = result.speedup("dense", "pruned")
     fd, fp = count_flops(dense), count_flops(pruned)
     return {
-        "name": name, "device": device, "threads": torch.get_num_threads(),
+        "name": name, "device": device, "threads": result.threads, "rounds": result.rounds,
         "resolution": pruned.resolution, "blocks": list(pruned.blocks),
         "flops_dense": fd, "flops_pruned": fp, "flops_ratio": fp / fd, "flops_speedup": fd / fp,
         "params_dense": count_params(dense), "params_pruned": count_params(pruned),
-        "latency_ms": latency,
-        "speedup": {b: latency["dense"][b] / latency["pruned"][b] for b in latency["dense"]},
+        "latency_ms": {k: {str(b): s.median for b, s in rows.items()} for k, rows in ms.items()},
+        "latency_spread_ms": {k: {str(b): [s.low, s.high] for b, s in rows.items()}
+                              for k, rows in ms.items()},
+        "speedup": {str(b): s.median for b, s in speed.items()},
+        "speedup_spread": {str(b): [s.low, s.high] for b, s in speed.items()},
     }
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
     batches = sorted({b for r in records for b in r["speedup"]}, key=int)
     head = "| model | device | FLOPs ratio | ideal speed-up | " + " | ".join(
-        f"dense / pruned ms, batch {b} | speed-up, batch {b}" for b in batches) + " |"
+        f"dense / pruned ms, batch {b} | speed-up [min, max], batch {b}" for b in batches) + " |"
     lines = [head, "| --- | --- |" + " ---: |" * (2 + 2 * len(batches))]
     for r in records:
         cells = [f"{r['latency_ms']['dense'][b]:.2f} / {r['latency_ms']['pruned'][b]:.2f} | "
-                 f"{r['speedup'][b]:.2f}x" for b in batches]
+                 f"{r['speedup'][b]:.2f}x [{r['speedup_spread'][b][0]:.2f}, "
+                 f"{r['speedup_spread'][b][1]:.2f}]" for b in batches]
         lines.append(f"| {r['name']} | {r['device']} | {r['flops_ratio']:.3f} | "
                      f"{r['flops_speedup']:.2f}x | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -116,13 +118,12 @@ def markdown(records: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         raise SystemExit("latency.py: CUDA is not available on this machine")
     config = LatencyConfig(batch_sizes=tuple(args.batch_sizes), warmup=args.warmup,
-                           repeats=args.repeats, min_repeats=1, max_seconds=args.max_seconds)
+                           repeats=args.repeats, min_repeats=1, max_seconds=args.max_seconds,
+                           rounds=args.rounds, threads=args.threads)
     targets = [(str(r), _run_shape(r)) for r in args.runs]
     if args.paper is not None or not args.runs:
         targets += [(n, paper_shape(n)) for n in select_paper(args.paper)]
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resolution:
             shape = shape.replace(resolution=args.resolution)
         for device in devices:
-            record = compare(name, shape, device, config, args.rounds)
+            record = compare(name, shape, device, config)
             records.append(record)
             print(json.dumps(record), flush=True)
     if args.markdown:

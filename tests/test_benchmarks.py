@@ -31,13 +31,17 @@ def test_latency_selects_paper_shapes_and_compares(one_thread):
         latency.select_paper(["C20"])
     full = Shape.full("resnet8", resolution=8)
     pruned = uniform_shape(full, 0.5)
-    record = latency.compare("r8", pruned, "cpu", LatencyConfig(batch_sizes=(1, 2), warmup=0,
-                                                                repeats=1, min_repeats=1), 2)
+    record = latency.compare("r8", pruned, "cpu", LatencyConfig(
+        batch_sizes=(1, 2), warmup=0, repeats=1, min_repeats=1, rounds=2, threads=1))
     assert record["flops_ratio"] == count_flops(pruned) / count_flops(full)
     assert record["flops_speedup"] == pytest.approx(1 / record["flops_ratio"])
     lat = record["latency_ms"]
     assert set(lat["dense"]) == set(lat["pruned"]) == {"1", "2"}
-    assert record["speedup"]["2"] == pytest.approx(lat["dense"]["2"] / lat["pruned"]["2"])
+    assert record["threads"] == 1 and record["rounds"] == 2
+    low, high = record["speedup_spread"]["2"]
+    assert low <= record["speedup"]["2"] <= high  # median of the per-round ratios
+    low, high = record["latency_spread_ms"]["dense"]["1"]
+    assert low <= lat["dense"]["1"] <= high
     assert "| r8 | cpu | " in latency.markdown([record])
 
 

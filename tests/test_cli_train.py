@@ -46,6 +46,13 @@ def test_train_eval_export_from_the_command_line(tmp_path, synthetic_data, capsy
     assert out["flops"] > 0 and out["params"] > 0
     assert set(out["latency_ms"]) == {"1", "64"} and all(v > 0 for v in
                                                           out["latency_ms"].values())
+    # paired with the unpruned counterpart, and the folded form (PyTorch, ONNX Runtime)
+    lat = out["latency"]
+    assert lat["baseline"] == "dense" and lat["threads"] == out["threads"]
+    assert {"dense", "model", "folded"} <= set(lat["ms"]) and lat["rounds"] == 5
+    speed = lat["speedup"]["model"]["64"]
+    assert speed["min"] <= speed["median"] <= speed["max"]
+    assert ("onnxruntime" in lat["ms"]) == (lat["onnxruntime_skipped"] is None)
     assert main(["eval", str(tmp_path / "student/best.pt"), "--data", "synthetic",
                  "--no-latency", "--quiet"]) == 0
     assert "test accuracy" in capsys.readouterr().out

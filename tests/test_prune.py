@@ -56,6 +56,11 @@ def test_prune_end_to_end_then_rerun_skips(tmp_path, capsys):
     assert summary["flops_pruned"] == count_flops(model.shape)
     assert summary["flops_full"] > summary["flops_pruned"]
     assert 0 <= summary["acc_pruned"] <= 1 and set(summary["latency_ms"]["pruned"]) == {"1", "64"}
+    lat = summary["latency"]  # one paired measurement: teacher, pruned, folded (PyTorch, ORT)
+    assert lat["baseline"] == "dense" and summary["latency_threads"] == lat["threads"]
+    assert {"pruned", "folded"} <= set(lat["speedup"]) and lat["rounds"] == 5
+    assert ("onnxruntime" in lat["ms"]) == (lat["onnxruntime_skipped"] is None)
+    assert "folded BN, PyTorch, batch 64" in (out / "report.md").read_text()
     phases = [r["phase"] for r in read_jsonl(out / "metrics.jsonl")]
     assert phases.count("search") == 2 and phases.count("derive") == 1
     assert phases.count("train") == 1
@@ -84,3 +89,17 @@ def test_prune_end_to_end_then_rerun_skips(tmp_path, capsys):
     assert main(args) == 0
     assert "metrics.jsonl is missing" in capsys.readouterr().err
     assert (out / "shape.json").read_text() == shape
+
+
+def test_a_run_saved_before_the_paired_latency_settings_still_resumes():
+    from tasprune.config import to_dict
+    from tasprune.prune import _differences, _with_added_keys
+
+    config = load_prune_config("demo")
+    saved = to_dict(config)
+    for key in ("rounds", "threads", "deploy"):
+        del saved["latency"][key]  # a config.yaml written by an earlier tasprune
+    assert _differences(_with_added_keys(saved), to_dict(config)) == []
+    saved["latency"]["rounds"] = 3
+    assert _differences(_with_added_keys(saved), to_dict(config)) == [
+        "latency.rounds: 3 -> 5"]

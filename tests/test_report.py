@@ -69,3 +69,49 @@ def test_report_without_search_skips_search_plots(tmp_path):
 def test_report_needs_a_run_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a tasprune run directory"):
         write_report(tmp_path)
+
+
+def _paired_summary():
+    """A summary as `prune` writes it now: a paired measurement with ORT skipped."""
+    from tasprune.latency import PairedLatency
+
+    paired = PairedLatency(threads=2, rounds=3, device="cpu", round_ms={
+        "dense": {1: (2.0, 3.0, 2.2), 64: (50.0, 60.0, 55.0)},
+        "pruned": {1: (1.0, 2.0, 1.0), 64: (25.0, 40.0, 50.0)},
+        "folded": {1: (0.8, 1.5, 1.1), 64: (20.0, 30.0, 44.0)}}).to_dict(baseline="dense")
+    paired["onnxruntime_skipped"] = "onnxruntime is not installed (pip install 'tasprune[dev]')"
+    return {"flops_full": 40_813_194, "flops_pruned": 22_444_482, "flops_ratio_target": 0.55,
+            "acc_full": 0.92, "acc_pruned": 0.9, "params_full": 272_282,
+            "params_pruned": 228_130, "latency_threads": 2, "latency": paired,
+            "latency_ms": {n: {b: s["median"] for b, s in rows.items()}
+                           for n, rows in paired["ms"].items()}}
+
+
+def test_report_of_paired_latency(tmp_path):
+    run = _run_dir(tmp_path, summary=False)
+    (run / "summary.json").write_text(json.dumps(_paired_summary()))
+    text = write_report(run).read_text()
+    # speed-up: median of the per-round ratios 2.0, 1.5, 2.2 (not 2.2 / 1.0)
+    assert ("| CPU latency, batch 1 | 2.20 ms [2.00, 3.00] | 1.00 ms [1.00, 2.00] | "
+            "2.00x faster [1.50, 2.20] |") in text
+    # ratios 2.0, 1.5, 1.1
+    assert ("| CPU latency, batch 64 | 55.00 ms [50.00, 60.00] | 40.00 ms [25.00, 50.00] | "
+            "1.50x faster [1.10, 2.00] |") in text
+    assert "| folded BN, PyTorch, batch 1 | | 1.10 ms [0.80, 1.50] | 2.00x faster [2.00, 2.50] |" \
+        in text
+    assert ("Latency: 2 threads, 3 rounds alternating the models; ms = median of the round "
+            "medians [min, max]; speed-up = median of the per-round ratios unpruned / pruned "
+            "[min, max]. ONNX Runtime skipped: onnxruntime is not installed") in text
+
+
+def test_terminal_summary_paired_and_old():
+    from tasprune.report import format_summary
+
+    text = format_summary(_paired_summary())
+    assert "2.20 ms [2.00, 3.00]" in text and "2.00x speed-up [1.50, 2.20]" in text
+    assert "folded BN, PyTorch, batch 64" in text and "2 threads, 3 rounds" in text
+    old = _paired_summary()
+    del old["latency"]  # summary.json of a run from before paired timing
+    text = format_summary(old)
+    assert "1.67x speed-up" not in text and "1.38x speed-up" in text  # 55 / 40
+    assert "rounds" not in text

@@ -1,5 +1,5 @@
-"""The pruned model the user takes away: safetensors + shape, ONNX, TorchScript, a
-`torch.export` program (.pt2).
+"""The pruned model the user takes away: safetensors + shape, ONNX (BatchNorm folded into
+the convs, see `tasprune.deploy`), TorchScript, a `torch.export` program (.pt2).
 
 The deliverable of a run is `model.safetensors` (the weights, with the shape
 also stored in its metadata) next to `shape.json`. `load_pruned` rebuilds the
@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tasprune._io import atomic_write
+from tasprune.deploy import fold_batchnorm
 from tasprune.models import ResNet, build_model
 from tasprune.shape import Shape
 from tasprune.train.checkpoint import CheckpointError, load_checkpoint, load_state_checked
@@ -122,12 +123,15 @@ def _example_input(model: ResNet, batch: int = 1) -> torch.Tensor:
 
 
 def export_onnx(model: ResNet, path: str | os.PathLike[str]) -> Path:
-    """Write an ONNX graph (input `images` [N, C, H, W] with a dynamic batch, output `logits`).
+    """Write the inference form of `model` as an ONNX graph (input `images` [N, C, H, W]
+    with a dynamic batch, output `logits`).
 
-    Uses the torch.export-based exporter (needs the `onnx` and `onnxscript` packages).
+    The graph is of `tasprune.deploy.fold_batchnorm(model)`: every BatchNorm folded into
+    the conv before it (the model itself is left as it is). Uses the torch.export-based
+    exporter (needs the `onnx` and `onnxscript` packages).
     """
     path = Path(path)
-    model = model.eval()
+    model = fold_batchnorm(model)  # type: ignore[assignment]
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     try:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 
 from tasprune._io import atomic_write_text, read_json, read_jsonl
@@ -45,7 +44,7 @@ from tasprune.config import ConfigError, load_config, save_config, to_dict, yaml
 from tasprune.data import load_data, same_data
 from tasprune.data.source import DataBundle
 from tasprune.dist import init_from_env
-from tasprune.evaluation import evaluate_model
+from tasprune.evaluation import evaluate_model, latency_report
 from tasprune.export import load_pruned
 from tasprune.flops import count_flops, count_params
 from tasprune.latency import LatencyConfig
@@ -71,6 +70,10 @@ SUMMARY_FILE = "summary.json"
 MARKER_FILE = "run.json"  # kind of run and the hash of the config.yaml it wrote
 # settings that may change between a run and its resumption
 _RUNTIME_KEYS = {"quiet", "device", "amp", "compile", "eval_every", "checkpoint_every", "log"}
+# settings added after runs were made without them: a saved config.yaml lacking one ran
+# with this value (the paired latency: rounds; threads as torch had them; deploy timing)
+_ADDED_KEYS = {("latency", "rounds"): 5, ("latency", "threads"): None,
+               ("latency", "deploy"): True}
 Method = Literal["tas", "uniform", "l1", "random"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 
@@ -150,6 +153,15 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _with_added_keys(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the settings added since it was written, at the value it ran with."""
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (section, key), value in _ADDED_KEYS.items():
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(key, value)
+    return saved
 
 
 def _sha256(path: Path) -> str:
@@ -250,7 +262,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
             raise ConfigError(f"{saved} was edited after the run wrote it, so it no longer "
                               "describes the run's results; restore it, or choose another "
                               "--out for new settings")
-        diff = _differences(_read_saved_config(saved), to_dict(config))
+        diff = _differences(_with_added_keys(_read_saved_config(saved)), to_dict(config))
         if diff:
             raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diff[:3])}); "
                               "choose another --out, or delete the directory to start over")
@@ -377,12 +389,18 @@ def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path) -> N
 
 def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBundle,
               quiet: bool) -> dict[str, Any]:
-    """summary.json: unpruned vs pruned accuracy, FLOPs, params and latency."""
+    """summary.json: unpruned vs pruned accuracy, FLOPs, params and latency.
+
+    Latency is one paired measurement (`tasprune.evaluation.latency_report`) of the
+    teacher ("dense"), the pruned net and, with latency.deploy, its folded form in
+    PyTorch and ONNX Runtime: `latency` holds it all (ms and speed-ups with their
+    spread, threads, rounds), `latency_ms` the medians by name and batch size.
+    """
     device = resolve_device(config.train.device)
-    dense = evaluate_model(teacher, data, device, latency=config.latency, quiet=quiet,
-                           what="teacher")
-    pruned = evaluate_model(model, data, device, latency=config.latency, quiet=quiet,
-                            what="pruned")
+    dense = evaluate_model(teacher, data, device, latency=None, quiet=quiet, what="teacher")
+    pruned = evaluate_model(model, data, device, latency=None, quiet=quiet, what="pruned")
+    size = (data.in_channels, data.resolution, data.resolution)
+    timed = latency_report(model, size, config.latency, dense=teacher, name="pruned")
     return {
         "model": config.model, "data": config.data, "method": config.method,
         "kd": config.train.kd_alpha > 0,
@@ -391,7 +409,9 @@ def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBun
         "flops_ratio": pruned["flops"] / dense["flops"],
         "acc_full": dense["acc"], "acc_pruned": pruned["acc"],
         "params_full": dense["params"], "params_pruned": pruned["params"],
-        "latency_ms": {"dense": dense["latency_ms"], "pruned": pruned["latency_ms"]},
-        "latency_threads": torch.get_num_threads(),
+        "latency_ms": {name: {b: s["median"] for b, s in rows.items()}
+                       for name, rows in timed["ms"].items()},
+        "latency_threads": timed["threads"],
+        "latency": timed,
         "shape": model.shape.to_dict(),
     }

@@ -188,13 +188,56 @@ def _summary_table(summary: dict[str, Any]) -> list[str]:
         f"{summary['params_pruned'] / summary['params_full']:.3f} |"
         if summary.get("params_full") else "| params | - | - | - |",
     ]
-    for bs in sorted(set(dense) | set(pruned), key=int):
+    paired = summary.get("latency")
+    if paired:
+        return rows + _latency_rows(paired)
+    for bs in sorted(set(dense) | set(pruned), key=int):  # a run from before paired timing
         d, p = dense.get(bs), pruned.get(bs)
         speed = f"{d / p:.2f}x faster" if d and p else ""
         rows.append(f"| CPU latency, batch {bs} (median) | "
                     f"{'-' if d is None else f'{d:.2f} ms'} | "
                     f"{'-' if p is None else f'{p:.2f} ms'} | {speed} |")
     return rows
+
+
+def _spread_ms(spread: dict[str, float] | None) -> str:
+    return "-" if spread is None else (f"{spread['median']:.2f} ms "
+                                       f"[{spread['min']:.2f}, {spread['max']:.2f}]")
+
+
+def _spread_ratio(spread: dict[str, float] | None, unit: str = "x faster") -> str:
+    return "" if spread is None else (f"{spread['median']:.2f}{unit} "
+                                      f"[{spread['min']:.2f}, {spread['max']:.2f}]")
+
+
+def _latency_rows(paired: dict[str, Any]) -> list[str]:
+    """Table rows of a paired latency: unpruned and pruned ms with the speed-up, then the
+    folded forms (PyTorch, ONNX Runtime) with their speed-up over the unpruned net."""
+    ms, speed = paired.get("ms", {}), paired.get("speedup", {})
+    dense, pruned = ms.get("dense", {}), ms.get("pruned", {})
+    rows = []
+    for bs in sorted(set(dense) | set(pruned), key=int):
+        rows.append(f"| CPU latency, batch {bs} | {_spread_ms(dense.get(bs))} | "
+                    f"{_spread_ms(pruned.get(bs))} | "
+                    f"{_spread_ratio(speed.get('pruned', {}).get(bs))} |")
+    for name, label in (("folded", "folded BN, PyTorch"),
+                        ("onnxruntime", "folded BN, ONNX Runtime")):
+        for bs in sorted(ms.get(name, {}), key=int):
+            rows.append(f"| {label}, batch {bs} | | {_spread_ms(ms[name][bs])} | "
+                        f"{_spread_ratio(speed.get(name, {}).get(bs))} |")
+    return rows
+
+
+def latency_note(summary: dict[str, Any]) -> str | None:
+    """How the summary's latency was measured, in one sentence (None for an old run)."""
+    paired = summary.get("latency")
+    if not paired:
+        return None
+    note = (f"Latency: {paired['threads']} threads, {paired['rounds']} rounds alternating the "
+            "models; ms = median of the round medians [min, max]; speed-up = median of the "
+            "per-round ratios unpruned / pruned [min, max].")
+    skipped = paired.get("onnxruntime_skipped")
+    return note + (f" ONNX Runtime skipped: {skipped}." if skipped else "")
 
 
 def _derive_lines(derive: dict[str, Any]) -> list[str]:
@@ -277,7 +320,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
 
     lines = [f"# tasprune run: {run.name}", ""]
     if summary:
-        lines += ["## Summary", "", *_summary_table(summary), ""]
+        note = latency_note(summary)
+        lines += ["## Summary", "", *_summary_table(summary), "",
+                  *([note, ""] if note else [])]
     flops, params = count_flops(shape), count_params(shape)
     full = shape.replace(widths=shape.full_widths, blocks=shape.depths)
     lines += [
@@ -327,11 +372,25 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("params", _fmt(summary["params_full"]), _fmt(summary["params_pruned"]),
          f"{summary['params_pruned'] / summary['params_full']:.3f}"),
     ]
-    for bs in sorted(set(dense) & set(pruned), key=int):
-        rows.append((f"CPU latency, batch {bs}", f"{dense[bs]:.2f} ms", f"{pruned[bs]:.2f} ms",
-                     f"{dense[bs] / pruned[bs]:.2f}x speed-up"))
+    paired = summary.get("latency")
+    if paired:
+        ms, speed = paired.get("ms", {}), paired.get("speedup", {})
+        for bs in sorted(set(ms.get("dense", {})) & set(ms.get("pruned", {})), key=int):
+            rows.append((f"CPU latency, batch {bs}", _spread_ms(ms["dense"][bs]),
+                         _spread_ms(ms["pruned"][bs]),
+                         _spread_ratio(speed.get("pruned", {}).get(bs), "x speed-up")))
+        for name, label in (("folded", "folded BN, PyTorch"),
+                            ("onnxruntime", "folded BN, ONNX Runtime")):
+            for bs in sorted(ms.get(name, {}), key=int):
+                rows.append((f"{label}, batch {bs}", "", _spread_ms(ms[name][bs]),
+                             _spread_ratio(speed.get(name, {}).get(bs), "x speed-up")))
+    else:  # a run from before paired timing
+        for bs in sorted(set(dense) & set(pruned), key=int):
+            rows.append((f"CPU latency, batch {bs}", f"{dense[bs]:.2f} ms",
+                         f"{pruned[bs]:.2f} ms", f"{dense[bs] / pruned[bs]:.2f}x speed-up"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    note = latency_note(summary)
+    return "\n".join(lines + ([note] if note else []))
