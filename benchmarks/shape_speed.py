@@ -22,8 +22,6 @@ import statistics
 import sys
 from typing import Any
 
-import torch
-
 from tasprune import Shape, build_model, count_flops
 from tasprune.baselines import random_shape
 from tasprune.latency import LatencyConfig, paired_latency
