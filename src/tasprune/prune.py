@@ -71,9 +71,10 @@ MARKER_FILE = "run.json"  # kind of run and the hash of the config.yaml it wrote
 # settings that may change between a run and its resumption
 _RUNTIME_KEYS = {"quiet", "device", "amp", "compile", "eval_every", "checkpoint_every", "log"}
 # settings added after runs were made without them: a saved config.yaml lacking one ran
-# with this value (the paired latency: rounds; threads as torch had them; deploy timing)
+# with this value (the paired latency: rounds; threads as torch had them; deploy timing;
+# the search space of free residual widths)
 _ADDED_KEYS = {("latency", "rounds"): 5, ("latency", "threads"): None,
-               ("latency", "deploy"): True}
+               ("latency", "deploy"): True, ("search", "couple_residual"): False}
 Method = Literal["tas", "uniform", "l1", "random"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 

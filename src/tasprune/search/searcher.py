@@ -155,7 +155,8 @@ class SearchConfig:
     the unpruned cost; flop_weight: lambda of the arch loss; topk: width
     candidates per slot and forward of the paper's relaxation (1 = hard sample); width_ratios and
     channel_multiple: the width choices (see search.space); couple_residual: one width
-    per residual stream (no stride-1 projection is ever added); split_fraction:
+    per residual stream (no stride-1 projection is ever added; the paper recipes turn it
+    off); split_fraction:
     share of every class in the "train" half; checkpoint_every: also write
     search.pt after every N-th step (0: at epoch ends only; may change on resume).
 
@@ -209,7 +210,7 @@ class SearchConfig:
     topk: int = 2
     width_ratios: tuple[float, ...] = DEFAULT_RATIOS
     channel_multiple: int = 1
-    couple_residual: bool = False
+    couple_residual: bool = True
     split_fraction: float = 0.5
     seed: int = 0
     device: str = "auto"
@@ -1120,7 +1121,8 @@ def _restore(path: Path, shape_full: Shape, config: SearchConfig, loop: SearchLo
         raise ValueError(f"{used} searched {saved_shape.describe()} with "
                          f"{saved_shape.num_classes} classes, not {shape_full.describe()} with "
                          f"{shape_full.num_classes}; resume with the same model and data")
-    saved = from_dict(SearchConfig, state["config"])
+    # a search saved before couple_residual existed searched the free space
+    saved = from_dict(SearchConfig, {"couple_residual": False, **state["config"]})
     diff = [f"{k} (saved {getattr(saved, k)!r}, now {getattr(config, k)!r})"
             for k in to_dict(config)
             if k not in _RESUMABLE_CHANGES and getattr(saved, k) != getattr(config, k)]
