@@ -112,3 +112,24 @@ def test_search_health_reads_a_demo_run(tmp_path):
     assert out["width_entropy"] == 1.0 and out["width_entropy_halved"]
     assert out["subnet_vs_teacher"] == 0.875 and out["search_seconds"] == 20.0
     assert (out["argmax_ratio"], out["derived_ratio"], out["adjusted"]) == (0.7, 0.49, True)
+
+
+def test_shape_speed_measures_efficiency(one_thread):
+    shape_speed = _script("shape_speed")
+    pruned = uniform_shape(Shape.full("resnet8", resolution=8), 0.5)
+    record = shape_speed.measure(pruned, LatencyConfig(batch_sizes=(1,), warmup=0, repeats=1,
+                                                       min_repeats=1, rounds=1, threads=1))
+    assert record["ideal"] == pytest.approx(1 / record["flops_ratio"])
+    assert record["efficiency"]["1"] == pytest.approx(record["speedup"]["1"] / record["ideal"])
+
+
+def test_latency_budget_reads_the_budgets_of_a_run(tmp_path):
+    latency_budget = _script("latency_budget")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({
+        "phase": "derive", "budgets": {"flops": {"ratio": 0.3, "target": 0.5},
+                                       "latency@1": {"ratio": 0.48, "target": 0.5},
+                                       "latency@64": {"ratio": 0.49, "target": 0.5}}}) + "\n")
+    assert latency_budget.budgets_of(tmp_path) == {1: 0.5, 64: 0.5}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "derive"}) + "\n")
+    with pytest.raises(SystemExit, match="no derive record with budgets"):
+        latency_budget.budgets_of(tmp_path)
