@@ -115,3 +115,22 @@ def test_terminal_summary_paired_and_old():
     text = format_summary(old)
     assert "1.67x speed-up" not in text and "1.38x speed-up" in text  # 55 / 40
     assert "rounds" not in text
+
+
+def test_latency_and_params_budgets_are_reported():
+    from tasprune.report import _derive_lines, format_summary
+
+    summary = _paired_summary()
+    summary["flops_ratio_target"] = None  # a latency budget alone
+    summary["budgets"] = {"latency@1": {"ratio": 0.47, "target": 0.5},
+                          "params": {"ratio": 0.412, "target": 0.6}}
+    text = format_summary(summary)
+    assert "(no FLOP budget)" in text
+    # measured: 1 / (median of the per-round speed-ups 2.0, 1.5, 2.2) = 0.5
+    assert "latency budget, batch 1" in text and "target 0.5: table 0.470, measured 0.500" in text
+    assert "params budget" in text and "target 0.6: 0.412" in text
+    derive = {"target_ratio": None, "flops_ratio": 0.24, "in_band": True, "adjusted": True,
+              "budgets": summary["budgets"]}
+    line = _derive_lines(derive)[0]
+    assert line.startswith("The derived shape (moved from the argmax shape) meets every budget")
+    assert "latency@1 0.470 (target 0.5)" in line

@@ -402,6 +402,9 @@ def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBun
     pruned = evaluate_model(model, data, device, latency=None, quiet=quiet, what="pruned")
     size = (data.in_channels, data.resolution, data.resolution)
     timed = latency_report(model, size, config.latency, dense=teacher, name="pruned")
+    shape = model.shape
+    full = shape.replace(widths=shape.full_widths, blocks=shape.depths)
+    budgets = build_budgets(config.search, space_of(config.search, full))
     return {
         "model": config.model, "data": config.data, "method": config.method,
         "kd": config.train.kd_alpha > 0,
@@ -414,5 +417,8 @@ def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBun
                        for name, rows in timed["ms"].items()},
         "latency_threads": timed["threads"],
         "latency": timed,
+        # every budget: the shape's cost over the unpruned net's (latency: the table's
+        # prediction; the measured speed-up is in `latency`) and the target
+        "budgets": {b.name: {"ratio": b.fraction(shape), "target": b.ratio} for b in budgets},
         "shape": model.shape.to_dict(),
     }

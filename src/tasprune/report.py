@@ -171,6 +171,30 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _flops_target(target: float | None) -> str:
+    return "(no FLOP budget)" if target is None else f"(target {target})"
+
+
+def budget_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) for every budget other than the FLOPs: its target, the shape's cost
+    as priced (the latency table's prediction) and, for latency, the measured ratio (the
+    inverse of the paired speed-up's median)."""
+    speed = (summary.get("latency") or {}).get("speedup", {}).get("pruned", {})
+    rows = []
+    for name, b in summary.get("budgets", {}).items():
+        if name == "flops":
+            continue
+        if name.startswith("latency@"):
+            batch = name.split("@")[1]
+            measured = speed.get(batch, {}).get("median")
+            text = (f"target {b['target']}: table {b['ratio']:.3f}"
+                    + (f", measured {1 / measured:.3f}" if measured else ""))
+            rows.append((f"latency budget, batch {batch}", text))
+        else:
+            rows.append((f"{name} budget", f"target {b['target']}: {b['ratio']:.3f}"))
+    return rows
+
+
 def _summary_table(summary: dict[str, Any]) -> list[str]:
     lat = summary.get("latency_ms", {})
     dense, pruned = lat.get("dense", {}), lat.get("pruned", {})
@@ -182,12 +206,13 @@ def _summary_table(summary: dict[str, Any]) -> list[str]:
         f"| FLOPs (MACs) | {_fmt(summary.get('flops_full'))} | "
         f"{_fmt(summary.get('flops_pruned'))} | "
         f"{summary['flops_pruned'] / summary['flops_full']:.3f} "
-        f"(target {summary.get('flops_ratio_target')}) |"
+        f"{_flops_target(summary.get('flops_ratio_target'))} |"
         if summary.get("flops_full") else "| FLOPs | - | - | - |",
         f"| params | {_fmt(summary.get('params_full'))} | {_fmt(summary.get('params_pruned'))} | "
         f"{summary['params_pruned'] / summary['params_full']:.3f} |"
         if summary.get("params_full") else "| params | - | - | - |",
     ]
+    rows += [f"| {label} | | | {text} |" for label, text in budget_rows(summary)]
     paired = summary.get("latency")
     if paired:
         return rows + _latency_rows(paired)
@@ -241,6 +266,15 @@ def latency_note(summary: dict[str, Any]) -> str | None:
 
 
 def _derive_lines(derive: dict[str, Any]) -> list[str]:
+    others = [f"{name} {b['ratio']:.3f} (target {b['target']})"
+              for name, b in derive.get("budgets", {}).items() if name != "flops"]
+    priced = (" Budgets, as fractions of the unpruned network's cost (latency as the "
+              "per-layer table predicts it): " + ", ".join(others) + ".") if others else ""
+    if derive.get("target_ratio") is None:  # no FLOP budget
+        where = "meets every budget" if derive.get("in_band") else "misses a budget"
+        moved = " (moved from the argmax shape)" if derive.get("adjusted") else ""
+        return [f"The derived shape{moved} {where}: {derive['flops_ratio']:.3f} of the full "
+                f"FLOPs.{priced}"]
     band = f"[{derive['target_ratio'] - derive.get('tolerance', 0.05):.3f}, " \
            f"{derive['target_ratio']:.3f}]"
     if derive.get("adjusted"):
@@ -251,6 +285,7 @@ def _derive_lines(derive: dict[str, Any]) -> list[str]:
         where = "inside" if derive.get("in_band") else "outside"
         out = [f"The argmax shape is {where} the target band {band}: "
                f"{derive['flops_ratio']:.3f} of the full FLOPs."]
+    out[0] += priced
     if derive.get("subnet_acc") is not None:
         teacher = derive.get("teacher_acc")
         out[0] += (f" Its accuracy cut from the supernet (BatchNorm recalibrated, held-out "
@@ -336,9 +371,12 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         "",
     ]
     if derive and derive.get("method", "tas") != "tas":
+        budgets = ", ".join(f"{name} {b['ratio']:.3f} (target {b['target']})"
+                            for name, b in derive.get("budgets", {}).items())
         lines += [f"Shape chosen by the {derive['method']} baseline (no search): "
-                  f"{derive['flops_ratio']:.3f} of the full FLOPs, target "
-                  f"{derive['target_ratio']}.", ""]
+                  f"{derive['flops_ratio']:.3f} of the full FLOPs"
+                  + (f"; budgets: {budgets}." if budgets else
+                     f", target {derive['target_ratio']}."), ""]
     elif derive:
         lines += [*_derive_lines(derive), ""]
     if search:
@@ -368,7 +406,7 @@ def format_summary(summary: dict[str, Any]) -> str:
          f"{100 * (summary['acc_pruned'] - summary['acc_full']):+.2f} pts"),
         ("FLOPs (MACs)", _fmt(summary["flops_full"]), _fmt(summary["flops_pruned"]),
          f"{summary['flops_pruned'] / summary['flops_full']:.3f} "
-         f"(target {summary['flops_ratio_target']})"),
+         f"{_flops_target(summary.get('flops_ratio_target'))}"),
         ("params", _fmt(summary["params_full"]), _fmt(summary["params_pruned"]),
          f"{summary['params_pruned'] / summary['params_full']:.3f}"),
     ]
@@ -388,6 +426,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         for bs in sorted(set(dense) & set(pruned), key=int):
             rows.append((f"CPU latency, batch {bs}", f"{dense[bs]:.2f} ms",
                          f"{pruned[bs]:.2f} ms", f"{dense[bs] / pruned[bs]:.2f}x speed-up"))
+    rows += [(label, "", "", text) for label, text in budget_rows(summary)]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
