@@ -140,3 +140,18 @@ def test_paired_torch_models_and_single_model_agree_in_form():
     assert speed.median == pytest.approx(statistics.median(ratios))
     with pytest.raises(ValueError, match="at least one model"):
         paired_latency({}, (1, 8, 8))
+
+
+def test_the_summary_times_in_a_fresh_process():
+    from tasprune import Shape, build_model
+    from tasprune.baselines import uniform_shape
+    from tasprune.evaluation import isolated_latency_report
+    from tasprune.latency import LatencyConfig
+
+    full = Shape.full("resnet8", num_classes=4, resolution=8)
+    dense, pruned = build_model(full), build_model(uniform_shape(full, 0.5))
+    config = LatencyConfig(batch_sizes=(1,), warmup=0, repeats=1, min_repeats=1, rounds=1,
+                           threads=1, deploy=False)
+    out = isolated_latency_report(pruned, (3, 8, 8), config, dense=dense, name="pruned")
+    assert out["isolated"] is True and out["threads"] == 1
+    assert set(out["ms"]) == {"dense", "pruned"} and "1" in out["speedup"]["pruned"]

@@ -44,7 +44,7 @@ from tasprune.config import ConfigError, load_config, save_config, to_dict, yaml
 from tasprune.data import load_data, same_data
 from tasprune.data.source import DataBundle
 from tasprune.dist import init_from_env
-from tasprune.evaluation import evaluate_model, latency_report
+from tasprune.evaluation import evaluate_model, isolated_latency_report
 from tasprune.export import load_pruned
 from tasprune.flops import count_flops, count_params
 from tasprune.latency import LatencyConfig
@@ -401,7 +401,7 @@ def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBun
     dense = evaluate_model(teacher, data, device, latency=None, quiet=quiet, what="teacher")
     pruned = evaluate_model(model, data, device, latency=None, quiet=quiet, what="pruned")
     size = (data.in_channels, data.resolution, data.resolution)
-    timed = latency_report(model, size, config.latency, dense=teacher, name="pruned")
+    timed = isolated_latency_report(model, size, config.latency, dense=teacher, name="pruned")
     shape = model.shape
     full = shape.replace(widths=shape.full_widths, blocks=shape.depths)
     budgets = build_budgets(config.search, space_of(config.search, full))
