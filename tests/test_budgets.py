@@ -218,3 +218,13 @@ def test_budget_flags_reach_the_config(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "give a budget: --flops-ratio, --params-ratio and/or --latency-ratio" in err
     assert not out.exists()
+
+
+def test_a_table_checks_itself_against_the_network_and_can_forget(tmp_path):
+    table = _table(tmp_path)
+    full = Shape.full("resnet8", resolution=8)
+    predicted, measured = table.check(full, passes=1)
+    assert predicted == table.predict(full) and measured > 0
+    assert (tmp_path / "t.json").is_file()
+    table.forget()
+    assert not table.entries and not (tmp_path / "t.json").exists()

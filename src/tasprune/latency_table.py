@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -111,7 +110,9 @@ def _in_res(op: tuple[object, ...]) -> int:
 
 def time_op(op: tuple[object, ...], cin: int, cout: int, batch: int, device: torch.device,
             warmup: int = 2, repeats: int = 7) -> float:
-    """Median milliseconds of one operation at widths (cin, cout) on random input."""
+    """Milliseconds of one operation at widths (cin, cout) on random input: the fastest of
+    `repeats` passes (other work on the machine only ever adds time; a table timed beside
+    a test suite had entries 20-100x too slow with the median)."""
     module = _Op(op, cin, cout).to(device).eval()
     res = _in_res(op)
     gen = torch.Generator().manual_seed(0)
@@ -131,7 +132,7 @@ def time_op(op: tuple[object, ...], cin: int, cout: int, batch: int, device: tor
                 torch.cuda.synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    return 1000.0 * min(times)
 
 
 def _encode(key: Key) -> str:
@@ -220,6 +221,39 @@ class LatencyTable:
         self._matrices.clear()
         self.save()
         return len(missing)
+
+    def check(self, shape: Shape, passes: int = 5) -> tuple[float, float]:
+        """(predicted ms, measured ms: the fastest of `passes` forward passes) of the
+        network of `shape`, at the table's batch size and thread count."""
+        from tasprune.models import build_model
+
+        model = build_model(shape).to(self.device).eval()
+        size = (self.batch, shape.in_channels, shape.resolution, shape.resolution)
+        x = torch.randn(*size, generator=torch.Generator().manual_seed(0)).to(self.device)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        times = []
+        try:
+            with torch.inference_mode():
+                for i in range(passes + 2):
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    start = time.perf_counter()
+                    model(x)
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    if i >= 2:
+                        times.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(before)
+        return self.predict(shape), 1000.0 * min(times)
+
+    def forget(self) -> None:
+        """Drop every entry (and the cached file): the next use times them again."""
+        self.entries.clear()
+        self._matrices.clear()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
     # prediction -----------------------------------------------------------------------
     def predict(self, shape: Shape) -> float:

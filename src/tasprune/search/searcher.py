@@ -395,6 +395,20 @@ def build_budgets(config: SearchConfig, space: SearchSpace, quiet: bool = True
                       f"{config.latency_device} ({table.threads} threads; cached in "
                       f"{table.path})", file=sys.stderr, flush=True)
             table.fill(keys)
+            predicted, measured = table.check(full)
+            if not 0.5 <= measured / predicted <= 2:  # timed on a busy machine: once more
+                if not quiet:
+                    print(f"latency table: it predicts {predicted:.2f} ms for the unpruned "
+                          f"network at batch {batch}, which runs in {measured:.2f} ms; timing "
+                          "the table again (was the machine busy?)", file=sys.stderr,
+                          flush=True)
+                table.forget()
+                table.fill(keys)
+                predicted, measured = table.check(full)
+            if not quiet:
+                print(f"latency table: batch {batch}: {predicted:.2f} ms predicted for the "
+                      f"unpruned network, {measured:.2f} ms measured", file=sys.stderr,
+                      flush=True)
             budgets.append(latency_budget(full, config.latency_ratio, table))
     smallest = space.smallest()
     for b in budgets:
