@@ -226,5 +226,9 @@ def test_a_table_checks_itself_against_the_network_and_can_forget(tmp_path):
     predicted, measured = table.check(full, passes=1)
     assert predicted == table.predict(full) and measured > 0
     assert (tmp_path / "t.json").is_file()
+    some = list(table.entries)[:3]
+    table.forget(some)
+    assert not set(some) & set(table.entries) and table.entries
+    assert len(json.loads((tmp_path / "t.json").read_text())["entries"]) == len(table.entries)
     table.forget()
-    assert not table.entries and not (tmp_path / "t.json").exists()
+    assert not table.entries

@@ -248,12 +248,16 @@ class LatencyTable:
             torch.set_num_threads(before)
         return self.predict(shape), 1000.0 * min(times)
 
-    def forget(self) -> None:
-        """Drop every entry (and the cached file): the next use times them again."""
-        self.entries.clear()
+    def forget(self, keys: Iterable[Key] | None = None) -> None:
+        """Drop `keys` (default: every entry) from the table and its file: the next use
+        times them again. Entries of other models in the same file stay."""
+        if keys is None:
+            self.entries.clear()
+        else:
+            for key in keys:
+                self.entries.pop(key, None)
         self._matrices.clear()
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        self.save()
 
     # prediction -----------------------------------------------------------------------
     def predict(self, shape: Shape) -> float:

@@ -402,7 +402,7 @@ def build_budgets(config: SearchConfig, space: SearchSpace, quiet: bool = True
                           f"network at batch {batch}, which runs in {measured:.2f} ms; timing "
                           "the table again (was the machine busy?)", file=sys.stderr,
                           flush=True)
-                table.forget()
+                table.forget(keys)
                 table.fill(keys)
                 predicted, measured = table.check(full)
             if not quiet:
