@@ -82,6 +82,7 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tasprune.cli, "load_data", data)
     monkeypatch.setattr(tasprune.prune, "load_data", data)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TASPRUNE_CACHE", str(tmp_path / "cache"))  # latency tables
     ran = 0
     for command in _ordered(readme_commands()):
         if any(skip in command for skip in NOT_RUN):
