@@ -76,7 +76,7 @@ def test_torchrun_search_writes_once_and_keeps_the_ranks_identical(two_process_r
     assert sorted(p.name for p in out.iterdir()) == [
         "metrics.jsonl", "search.prev.pt", "search.pt", "shape.json"]  # no temp files left
     net = SuperNet(SearchSpace.from_shape(Shape.full("resnet8", num_classes=10, in_channels=1,
-                                                     resolution=14)))
+                                                     resolution=14), coupled=True))  # default
     net.load_state_dict(state["supernet"])
     # the argmax of the saved logits is the last search line's; the shape is it, filled
     assert list(net.derive().blocks) == records[1]["blocks"]
