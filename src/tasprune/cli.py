@@ -342,11 +342,13 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
     p = sub.add_parser(
         "search",
-        help="search a pruned shape of a model at a FLOP budget (TAS)",
+        help="search a pruned shape of a model at a FLOP, parameter or latency budget (TAS)",
         description="Transformable Architecture Search: learn the width of every conv and the "
-        "depth of every stage of --model under a FLOP budget, alternating SGD steps on the "
-        "supernet's weights (one half of the training set) and Adam steps on the width/depth "
-        "distributions (the other half, cross-entropy + FLOP loss). Writes into --out DIR: "
+        "depth of every stage of --model under FLOP, parameter and/or latency budgets, "
+        "alternating SGD steps on the supernet's weights (one half of the training set) and "
+        "Adam steps on the width/depth distributions (the other half, cross-entropy + budget "
+        "loss). A latency budget first times a per-layer latency table on this machine "
+        "(cached under ~/.cache/tasprune/latency). Writes into --out DIR: "
         "shape.json (the searched shape: train it with `tasprune train --shape DIR/shape.json`), "
         "metrics.jsonl (a 'search' line per epoch, a 'derive' line at the end) and search.pt "
         "(resumable checkpoint, updated every epoch and every --checkpoint-every steps; the one "
