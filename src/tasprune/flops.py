@@ -203,16 +203,19 @@ def expected_flops(
     skel: Skeleton, widths: Sequence[WidthDist], depths: Sequence[DepthDist]
 ) -> torch.Tensor:
     """Differentiable expected FLOPs under independent width and depth distributions."""
-    total = sum(layer.flops for layer in _layers(skel, widths, depths))
-    assert isinstance(total, torch.Tensor)
-    return total
+    return _expected_sum(skel, widths, depths, "flops")
 
 
 def expected_params(
     skel: Skeleton, widths: Sequence[WidthDist], depths: Sequence[DepthDist]
 ) -> torch.Tensor:
     """Differentiable expected parameter count (as `expected_flops`)."""
-    total = sum(layer.params for layer in _layers(skel, widths, depths))
+    return _expected_sum(skel, widths, depths, "params")
+
+
+def _expected_sum(skel: Skeleton, widths: Sequence[WidthDist], depths: Sequence[DepthDist],
+                  field: str) -> torch.Tensor:
+    total = sum(getattr(layer, field) for layer in _layers(skel, widths, depths))
     assert isinstance(total, torch.Tensor)
     return total
 

@@ -121,13 +121,20 @@ def time_op(op: tuple[object, ...], cin: int, cout: int, batch: int, device: tor
     if op[0] == "conv_add":
         with torch.inference_mode():
             skip = torch.zeros_like(module.conv(x))
+    return fastest_ms(lambda: module(x, skip), device, warmup, repeats)
+
+
+def fastest_ms(run: Callable[[], object], device: torch.device, warmup: int, repeats: int
+               ) -> float:
+    """Milliseconds of the fastest of `repeats` calls of `run` after `warmup` untimed ones,
+    under inference mode."""
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            module(x, skip)
+            run()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= warmup:
@@ -232,21 +239,11 @@ class LatencyTable:
         x = torch.randn(*size, generator=torch.Generator().manual_seed(0)).to(self.device)
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        times = []
         try:
-            with torch.inference_mode():
-                for i in range(passes + 2):
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    start = time.perf_counter()
-                    model(x)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    if i >= 2:
-                        times.append(time.perf_counter() - start)
+            measured = fastest_ms(lambda: model(x), self.device, 2, passes)
         finally:
             torch.set_num_threads(before)
-        return self.predict(shape), 1000.0 * min(times)
+        return self.predict(shape), measured
 
     def forget(self, keys: Iterable[Key] | None = None) -> None:
         """Drop `keys` (default: every entry) from the table and its file: the next use

@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +51,7 @@ from tasprune.flops import count_flops, count_params
 from tasprune.latency import LatencyConfig
 from tasprune.models import ResNet
 from tasprune.report import write_report
-from tasprune.search.cost import normalized_cost
+from tasprune.search.cost import Budget, normalized_cost
 from tasprune.search.searcher import (
     SearchConfig,
     build_budgets,
@@ -299,9 +300,10 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     elif config.method != "tas":
         _log(quiet, f"shape: the {config.method} baseline at "
              f"{describe_budgets(config.search)}")
-        shape = baseline_shape(config, full, teacher)  # deterministic: equal on every rank
+        budgets = build_budgets(config.search, space_of(config.search, full))
+        shape = baseline_shape(config, full, teacher, budgets)  # equal on every rank
         if dist.is_main:
-            _write_shape(config, full, shape, out)
+            _write_shape(config, full, shape, out, budgets)
     else:
         resume = _has_checkpoint(out / "search.pt")
         teacher_state = teacher.state_dict() if _is_unpruned(teacher, full) else None
@@ -350,11 +352,14 @@ def _is_unpruned(teacher: ResNet, full: Shape) -> bool:
     return teacher.shape.replace(resolution=full.resolution) == full
 
 
-def baseline_shape(config: PruneConfig, full: Shape, teacher: ResNet) -> Shape:
-    """The shape of a baseline method (uniform, l1, random) at the search's budgets."""
+def baseline_shape(config: PruneConfig, full: Shape, teacher: ResNet,
+                   budgets: Sequence[Budget] | None = None) -> Shape:
+    """The shape of a baseline method (uniform, l1, random) at the search's budgets
+    (`build_budgets` of them when not given)."""
     search = config.search
     ratio = 1.0 if search.flops_ratio is None else search.flops_ratio
-    budgets = build_budgets(search, space_of(search, full))
+    if budgets is None:
+        budgets = build_budgets(search, space_of(search, full))
     cost = None if [b.name for b in budgets] == ["flops"] else normalized_cost(budgets)
     if config.method == "uniform":
         return uniform_shape(full, ratio, cost=cost)
@@ -372,7 +377,8 @@ def baseline_shape(config: PruneConfig, full: Shape, teacher: ResNet) -> Shape:
     raise ValueError(f"no baseline method {config.method!r}")
 
 
-def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path) -> None:
+def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path,
+                 budgets: Sequence[Budget]) -> None:
     """shape.json and the "derive" line of a baseline, as the search writes them."""
     shape.save(out / "shape.json")
     flops, full_flops = count_flops(shape), count_flops(full)
@@ -384,7 +390,7 @@ def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path) -> N
         "flops_ratio": flops / full_flops, "target_ratio": config.search.flops_ratio,
         "blocks": list(shape.blocks),
         "budgets": {b.name: {"ratio": b.fraction(shape), "target": b.ratio}
-                    for b in build_budgets(config.search, space_of(config.search, full))},
+                    for b in budgets},
     }, config.log)
 
 

@@ -114,7 +114,6 @@ class Budget:
     full: float
     exact: Callable[[Shape], float]
     expected: Expectation
-    unit: str = ""
 
     @property
     def target(self) -> float:
@@ -126,11 +125,11 @@ class Budget:
 
 
 def flops_budget(full: Shape, ratio: float) -> Budget:
-    return Budget("flops", ratio, count_flops(full), count_flops, expected_flops, "MACs")
+    return Budget("flops", ratio, count_flops(full), count_flops, expected_flops)
 
 
 def params_budget(full: Shape, ratio: float) -> Budget:
-    return Budget("params", ratio, count_params(full), count_params, expected_params, "")
+    return Budget("params", ratio, count_params(full), count_params, expected_params)
 
 
 def latency_budget(full: Shape, ratio: float, table: object) -> Budget:
@@ -139,7 +138,7 @@ def latency_budget(full: Shape, ratio: float, table: object) -> Budget:
 
     assert isinstance(table, LatencyTable)
     return Budget(f"latency@{table.batch}", ratio, table.predict(full), table.predict,
-                  table.expected, "ms")
+                  table.expected)
 
 
 def normalized_cost(budgets: Sequence[Budget]) -> Callable[[Shape], float]:

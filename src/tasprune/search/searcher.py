@@ -93,7 +93,8 @@ from tasprune.dist import (
     per_rank_batch,
 )
 from tasprune.faults import Interrupted, NonFiniteLoss, StopRequest
-from tasprune.flops import count_flops, count_params
+from tasprune.flops import count_flops, count_params, expected_flops
+from tasprune.latency_table import Key, LatencyTable
 from tasprune.models import ResNet, build_model
 from tasprune.progress import progress
 from tasprune.search.cost import (
@@ -373,12 +374,28 @@ def space_of(config: SearchConfig, full: Shape) -> SearchSpace:
                                   config.couple_residual)
 
 
+def _check_table(table: LatencyTable, keys: set[Key], full: Shape, quiet: bool) -> None:
+    """Set a freshly timed table's prediction for the unpruned network beside the network's
+    own time; time the table's entries of this model again when they are more than 2x apart
+    (the machine was busy while it was timed)."""
+    predicted, measured = table.check(full)
+    if not 0.5 <= measured / predicted <= 2:
+        if not quiet:
+            print(f"latency table: it predicts {predicted:.2f} ms for the unpruned network at "
+                  f"batch {table.batch}, which runs in {measured:.2f} ms; timing it again "
+                  "(was the machine busy?)", file=sys.stderr, flush=True)
+        table.forget(keys)
+        table.fill(keys)
+        predicted, measured = table.check(full)
+    if not quiet:
+        print(f"latency table: batch {table.batch}: {predicted:.2f} ms predicted for the "
+              f"unpruned network, {measured:.2f} ms measured", file=sys.stderr, flush=True)
+
+
 def build_budgets(config: SearchConfig, space: SearchSpace, quiet: bool = True
                   ) -> tuple[Budget, ...]:
     """The budgets of `config` on `space`, latency tables timed (or read from the cache)
     first; each is checked against the smallest shape of the space."""
-    from tasprune.latency_table import LatencyTable
-
     full = space.full
     budgets = []
     if config.flops_ratio is not None:
@@ -394,21 +411,8 @@ def build_budgets(config: SearchConfig, space: SearchSpace, quiet: bool = True
                 print(f"latency table: timing {todo} layer configurations at batch {batch} on "
                       f"{config.latency_device} ({table.threads} threads; cached in "
                       f"{table.path})", file=sys.stderr, flush=True)
-            table.fill(keys)
-            predicted, measured = table.check(full)
-            if not 0.5 <= measured / predicted <= 2:  # timed on a busy machine: once more
-                if not quiet:
-                    print(f"latency table: it predicts {predicted:.2f} ms for the unpruned "
-                          f"network at batch {batch}, which runs in {measured:.2f} ms; timing "
-                          "the table again (was the machine busy?)", file=sys.stderr,
-                          flush=True)
-                table.forget(keys)
-                table.fill(keys)
-                predicted, measured = table.check(full)
-            if not quiet:
-                print(f"latency table: batch {batch}: {predicted:.2f} ms predicted for the "
-                      f"unpruned network, {measured:.2f} ms measured", file=sys.stderr,
-                      flush=True)
+            if table.fill(keys):  # just timed: is the table right about the network?
+                _check_table(table, keys, full, quiet)
             budgets.append(latency_budget(full, config.latency_ratio, table))
     smallest = space.smallest()
     for b in budgets:
@@ -590,8 +594,9 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
             with autocast_for(amp, xv.device):
                 out_v = net(xv, arch_step_arch(net, config, tau, generator))
                 loss_v = F.cross_entropy(out_v, yv).float()
-            if isinstance(budgets, int):
-                budgets = [flops_budget(net.space.full, config.flops_ratio or 1.0)]
+            if isinstance(budgets, int):  # the unpruned FLOPs: no count every step
+                budgets = [Budget("flops", config.flops_ratio or 1.0, budgets, count_flops,
+                                  expected_flops)]
             fl = supernet_budget_loss(net, budgets, config.tolerance, argmax_weight)
             loss_a = loss_v + config.flop_weight * fl.loss
             if entropy_weight > 0:
