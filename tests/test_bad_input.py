@@ -222,6 +222,8 @@ CASES = [
      ["flops ratio 0.01 cannot be reached", "0.0229", "[0.023, 1]"], "out"),
     ("prune-ratio-unreachable", ["prune", "--flops-ratio", "0.01", "--out", "{out}", "--quiet"],
      ["flops ratio 0.01 cannot be reached", "[0.023, 1]"], "out"),
+    ("prune-params-unreachable", ["prune", "--params-ratio", "0.01", "--out", "{out}",
+                                  "--quiet"], ["params ratio 0.01 cannot be reached"], "out"),
     ("prune-override-ratio-unreachable", ["prune", "search.flops_ratio=0.005", "--out", "{out}",
                                           "--quiet"], ["0.005 cannot be reached"], "out"),
     ("prune-override-ratio-text", ["prune", "search.flops_ratio=abc", "--out", "{out}"],

@@ -200,17 +200,18 @@ def _has_phase(path: Path, phase: str) -> bool:
     return path.is_file() and any(r.get("phase") == phase for r in read_jsonl(path))
 
 
-def check_reachable(config: PruneConfig, full: Shape) -> None:
-    """Refuse a FLOP budget below the smallest shape the method can give (before any
-    training; parameter and latency budgets are checked where they are priced)."""
+def check_reachable(config: PruneConfig, full: Shape, quiet: bool = True) -> None:
+    """Refuse a budget below the smallest shape the method can give, before any training
+    (a latency budget times its table here; the search then reads it from the cache)."""
     search = config.search
-    if search.flops_ratio is None:
-        return
-    if config.method == "tas":
-        check_budget(space_of(search, full), search.flops_ratio)
-    else:
-        check_method_ratio(config.method, full, search.flops_ratio, ratios=search.width_ratios,
-                           multiple_of=search.channel_multiple)
+    if search.flops_ratio is not None:
+        if config.method == "tas":
+            check_budget(space_of(search, full), search.flops_ratio)
+        else:
+            check_method_ratio(config.method, full, search.flops_ratio,
+                               ratios=search.width_ratios, multiple_of=search.channel_multiple)
+    if search.params_ratio is not None or search.latency_ratio is not None:
+        build_budgets(search, space_of(search, full), quiet)
 
 
 def _given_teacher(config: PruneConfig, full: Shape, data: DataBundle) -> ResNet | None:
@@ -274,7 +275,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
             resolve_device(getattr(config, phase).device)
         except ValueError as exc:
             raise ValueError(f"{phase}.{exc}") from None
-    check_reachable(config, full)
+    check_reachable(config, full, quiet or not dist.is_main)
     given = _given_teacher(config, full, data)
     if dist.is_main:
         out.mkdir(exist_ok=True)
