@@ -45,8 +45,8 @@ import torch
 
 from tasprune import Shape, load_data
 from tasprune._io import atomic_write_text, read_jsonl
-from tasprune.prune import PruneConfig, load_prune_config, prune
-from tasprune.train.trainer import train
+from tasprune.pipeline import PruneConfig, load_prune_config, prune
+from tasprune.training.trainer import train
 
 METHODS: dict[str, tuple[str, ...]] = {
     "tas": ("method=tas",),

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tasprune._io import read_jsonl
-from tasprune.prune import load_prune_config, prune
+from tasprune.pipeline import load_prune_config, prune
 
 
 def health(run: Path, seconds: float) -> dict[str, object]:

@@ -18,7 +18,7 @@ import torch
 
 from synthetic import synthetic_bundle
 from tasprune import cli
-from tasprune.train import loop
+from tasprune.training import loop
 
 
 def data():

@@ -29,7 +29,7 @@ from tasprune.data.idx import write_idx
 from tasprune.export import save_pruned
 from tasprune.models import build_model
 from tasprune.shape import PAPER_SHAPES_DIR, Shape
-from tasprune.train.trainer import TrainConfig, train
+from tasprune.training.trainer import TrainConfig, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SENTINEL = "sentinel.txt"

@@ -48,7 +48,7 @@ def test_errors():
 
 
 def test_random_is_in_the_search_space_and_meets_the_budget():
-    from tasprune.search.space import SearchSpace, used_slots
+    from tasprune.tas.space import SearchSpace, used_slots
 
     full = Shape.full("resnet20")
     space = SearchSpace.from_shape(full)

@@ -12,7 +12,7 @@ from tasprune import Shape, count_flops, count_params
 from tasprune._io import read_jsonl
 from tasprune.flops import DepthDist, WidthDist, expected_params
 from tasprune.latency_table import LatencyTable
-from tasprune.search.cost import (
+from tasprune.tas.cost import (
     band_floor,
     expected_cost,
     flops_budget,
@@ -21,11 +21,11 @@ from tasprune.search.cost import (
     params_budget,
     supernet_budget_loss,
 )
-from tasprune.search.derive import derive_in_band
-from tasprune.search.sampling import masked_softmax
-from tasprune.search.searcher import SearchConfig, search
-from tasprune.search.space import SearchSpace
-from tasprune.search.supernet import SuperNet
+from tasprune.tas.derive import derive_in_band
+from tasprune.tas.sampling import masked_softmax
+from tasprune.tas.searcher import SearchConfig, search
+from tasprune.tas.space import SearchSpace
+from tasprune.tas.supernet import SuperNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,7 +198,7 @@ def test_a_search_under_a_params_and_a_latency_budget(tmp_path, monkeypatch):
 
 def test_budget_flags_reach_the_config(tmp_path, capsys):
     from tasprune.cli import _prune_overrides, build_parser, main
-    from tasprune.prune import load_prune_config
+    from tasprune.pipeline import load_prune_config
 
     args = build_parser().parse_args(["prune", "--out", str(tmp_path / "r"), "--latency-ratio",
                                       "0.5", "--params-ratio", "0.6", "--couple-residual",

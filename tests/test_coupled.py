@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tasprune import Shape, build_model, count_flops
-from tasprune.search.cost import expected_cost, supernet_expected_flops
-from tasprune.search.derive import derive_in_band
-from tasprune.search.sampling import masked_softmax
-from tasprune.search.space import SearchSpace, residual_ties
-from tasprune.search.supernet import SuperNet
+from tasprune.tas.cost import expected_cost, supernet_expected_flops
+from tasprune.tas.derive import derive_in_band
+from tasprune.tas.sampling import masked_softmax
+from tasprune.tas.space import SearchSpace, residual_ties
+from tasprune.tas.supernet import SuperNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from tasprune import Shape, count_flops
-from tasprune.search.derive import derive_in_band
-from tasprune.search.space import SearchSpace, used_slots
-from tasprune.search.supernet import SuperNet
+from tasprune.tas.derive import derive_in_band
+from tasprune.tas.space import SearchSpace, used_slots
+from tasprune.tas.supernet import SuperNet
 
 
 def _net(name: str) -> SuperNet:

@@ -18,10 +18,10 @@ import torch
 
 from tasprune import Shape, count_flops
 from tasprune._io import read_jsonl
-from tasprune.search import searcher
-from tasprune.search.space import SearchSpace
-from tasprune.search.supernet import SuperNet
-from tasprune.train.checkpoint import load_checkpoint
+from tasprune.tas import searcher
+from tasprune.tas.space import SearchSpace
+from tasprune.tas.supernet import SuperNet
+from tasprune.training.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(),
@@ -129,7 +129,7 @@ _COMPARE = textwrap.dedent("""
     from tasprune import Shape
     from tasprune.data import load_data
     from tasprune.data.source import TensorImages
-    from tasprune.search import searcher
+    from tasprune.tas import searcher
 
     data = load_data(sys.argv[1])
     n = 96  # halves of 48 images: 2 steps of 16 (8 per rank)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tasprune import create_model
-from tasprune.train.distill import DistillConfig, distill_loss, kd_term, teacher_logits
+from tasprune.training.distill import DistillConfig, distill_loss, kd_term, teacher_logits
 
 
 def _logits(seed, n=6, c=5):

@@ -23,11 +23,11 @@ from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.data.source import DataBundle
 from tasprune.faults import Interrupted, NonFiniteLoss
-from tasprune.search import searcher
-from tasprune.search.searcher import SearchConfig, search
-from tasprune.search.space import SearchSpace
-from tasprune.search.supernet import SuperNet
-from tasprune.train.checkpoint import (
+from tasprune.tas import searcher
+from tasprune.tas.searcher import SearchConfig, search
+from tasprune.tas.space import SearchSpace
+from tasprune.tas.supernet import SuperNet
+from tasprune.training.checkpoint import (
     CheckpointError,
     first_non_finite,
     load_checkpoint,

@@ -21,9 +21,9 @@ from tasprune import cli as cli_module
 from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.faults import Interrupted, NonFiniteLoss
-from tasprune.train import loop as loop_module
-from tasprune.train.checkpoint import CheckpointError, load_checkpoint, previous_path
-from tasprune.train.trainer import TrainConfig, train
+from tasprune.training import loop as loop_module
+from tasprune.training.checkpoint import CheckpointError, load_checkpoint, previous_path
+from tasprune.training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

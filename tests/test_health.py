@@ -3,10 +3,10 @@ import torch
 
 from synthetic import synthetic_bundle
 from tasprune import Shape, build_model
-from tasprune.search.health import accuracy, recalibrate_bn, subnet, subnet_accuracy
-from tasprune.search.space import SearchSpace
-from tasprune.search.supernet import SuperNet
-from tasprune.train.inherit import reorder_channels
+from tasprune.tas.health import accuracy, recalibrate_bn, subnet, subnet_accuracy
+from tasprune.tas.space import SearchSpace
+from tasprune.tas.supernet import SuperNet
+from tasprune.training.inherit import reorder_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tasprune import Shape, build_model, create_model
-from tasprune.train.inherit import inherit_weights
+from tasprune.training.inherit import inherit_weights
 
 
 def _teacher(seed=0):

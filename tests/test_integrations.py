@@ -15,7 +15,7 @@ from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.export import export_pt2
 from tasprune.models import ResNet
-from tasprune.search.searcher import SearchConfig, search
+from tasprune.tas.searcher import SearchConfig, search
 from tasprune.tracking import check_sinks, log_record, parse_sinks, tensorboard_dir
 from test_export import _pruned as _model
 from test_export import _x
@@ -192,8 +192,8 @@ def test_search_in_bf16_on_cpu_runs_and_fp16_needs_cuda(tmp_path, demo_subset, o
 
 
 def test_supernet_bn_stays_float32_under_autocast():
-    from tasprune.search.space import SearchSpace
-    from tasprune.search.supernet import SuperNet
+    from tasprune.tas.space import SearchSpace
+    from tasprune.tas.supernet import SuperNet
 
     full = Shape.full("resnet8", num_classes=4, in_channels=1, resolution=12)
     net = SuperNet(SearchSpace.from_shape(full), torch.Generator().manual_seed(0)).train()

@@ -4,8 +4,8 @@ import torch
 from synthetic import synthetic_bundle
 from tasprune import Shape, build_model
 from tasprune.data.source import BatchTransform, TensorImages
-from tasprune.train.loop import LoopOptions, evaluate, steps_per_epoch, train_one_epoch
-from tasprune.train.optim import WarmupCosine, make_sgd
+from tasprune.training.loop import LoopOptions, evaluate, steps_per_epoch, train_one_epoch
+from tasprune.training.optim import WarmupCosine, make_sgd
 
 
 class _RankModel(torch.nn.Module):

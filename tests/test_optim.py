@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tasprune import create_model
-from tasprune.train.checkpoint import load_checkpoint, save_checkpoint
-from tasprune.train.optim import WarmupCosine, make_sgd, param_groups, warmup_cosine_factor
+from tasprune.training.checkpoint import load_checkpoint, save_checkpoint
+from tasprune.training.optim import WarmupCosine, make_sgd, param_groups, warmup_cosine_factor
 
 
 def _lrs(total, warmup, base=0.1):

@@ -8,7 +8,7 @@ from tasprune import count_flops, load_pruned
 from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.config import ConfigError
-from tasprune.prune import RECIPES_DIR, load_prune_config, recipe_names
+from tasprune.pipeline import RECIPES_DIR, load_prune_config, recipe_names
 
 TINY = ["teacher_train.epochs=1", "search.epochs=2", "train.epochs=1",
         "teacher_train.batch_size=256", "search.batch_size=256", "train.batch_size=256",
@@ -93,7 +93,7 @@ def test_prune_end_to_end_then_rerun_skips(tmp_path, capsys):
 
 def test_a_run_saved_before_the_paired_latency_settings_still_resumes():
     from tasprune.config import to_dict
-    from tasprune.prune import _differences, _with_added_keys
+    from tasprune.pipeline import _differences, _with_added_keys
 
     config = load_prune_config("demo")
     saved = to_dict(config)

@@ -9,7 +9,7 @@ from tasprune import Shape, build_model, count_flops, load_pruned
 from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.config import ConfigError
-from tasprune.prune import baseline_shape, load_prune_config
+from tasprune.pipeline import baseline_shape, load_prune_config
 from test_prune import TINY
 
 

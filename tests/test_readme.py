@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tasprune.cli import build_parser
-from tasprune.prune import load_prune_config
+from tasprune.pipeline import load_prune_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -62,7 +62,7 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
     import numpy as np
 
     import tasprune.cli
-    import tasprune.prune
+    import tasprune.pipeline
     from tasprune.cli import main
     from tasprune.data import load_data
     from tasprune.data.idx import write_idx
@@ -80,7 +80,7 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
         return stand_in if spec == "fashion-mnist" else load_data(spec, *args, **kwargs)
 
     monkeypatch.setattr(tasprune.cli, "load_data", data)
-    monkeypatch.setattr(tasprune.prune, "load_data", data)
+    monkeypatch.setattr(tasprune.pipeline, "load_data", data)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TASPRUNE_CACHE", str(tmp_path / "cache"))  # latency tables
     ran = 0

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from tasprune import Shape, build_model
-from tasprune.search.cost import flop_loss
-from tasprune.search.sampling import entropy
-from tasprune.search.searcher import SearchConfig, SearchLoop, arch_lr, warmup_steps, weight_loss
-from tasprune.search.space import SearchSpace
-from tasprune.search.supernet import Choice, ChoiceBN, SuperNet, resize_matrix
-from tasprune.train.distill import DistillConfig, distill_loss
+from tasprune.tas.cost import flop_loss
+from tasprune.tas.sampling import entropy
+from tasprune.tas.searcher import SearchConfig, SearchLoop, arch_lr, warmup_steps, weight_loss
+from tasprune.tas.space import SearchSpace
+from tasprune.tas.supernet import Choice, ChoiceBN, SuperNet, resize_matrix
+from tasprune.training.distill import DistillConfig, distill_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tasprune import Shape, build_model
-from tasprune.train.inherit import reorder_channels, taylor_importance
+from tasprune.training.inherit import reorder_channels, taylor_importance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,7 +20,7 @@ from tasprune.config import load_config
 from tasprune.data import same_data
 from tasprune.data.folder import load_folder, to_rgb8
 from tasprune.export import save_pruned
-from tasprune.prune import PruneConfig, load_prune_config
+from tasprune.pipeline import PruneConfig, load_prune_config
 from tasprune.rundir import check_export_target, check_kind, run_kind, run_lock
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -217,7 +217,7 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
 
 def test_nan_weights_are_refused(tmp_path):
     from tasprune import load_pruned
-    from tasprune.train.checkpoint import CheckpointError
+    from tasprune.training.checkpoint import CheckpointError
 
     model = build_model(Shape.full("resnet8"))
     with torch.no_grad():
@@ -231,7 +231,7 @@ def test_weights_and_shape_json_that_disagree_are_an_error(tmp_path):
     from safetensors.torch import save_file
 
     from tasprune import load_pruned
-    from tasprune.train.checkpoint import CheckpointError
+    from tasprune.training.checkpoint import CheckpointError
 
     save_pruned(tmp_path, build_model(Shape.full("resnet8")))
     Shape.full("resnet20").save(tmp_path / "shape.json")
@@ -246,7 +246,7 @@ def test_weights_and_shape_json_that_disagree_are_an_error(tmp_path):
 
 def test_files_that_are_not_utf8_are_named(tmp_path):
     from tasprune.config import ConfigError
-    from tasprune.prune import _read_saved_config
+    from tasprune.pipeline import _read_saved_config
 
     bad = "train: {lr: 0.1} # caf\xe9\n".encode("latin-1")
     (tmp_path / "r.yaml").write_bytes(bad)

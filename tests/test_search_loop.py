@@ -7,12 +7,12 @@ from synthetic import brightness_bundle
 from tasprune import Shape, count_flops
 from tasprune._io import read_jsonl
 from tasprune.data.source import DataBundle
-from tasprune.search import searcher
-from tasprune.search.cost import flop_loss, supernet_expected_flops, supernet_flop_loss
-from tasprune.search.searcher import SearchConfig, check_budget, search
-from tasprune.search.space import SearchSpace
-from tasprune.search.supernet import SuperNet
-from tasprune.train.checkpoint import load_checkpoint
+from tasprune.tas import searcher
+from tasprune.tas.cost import flop_loss, supernet_expected_flops, supernet_flop_loss
+from tasprune.tas.searcher import SearchConfig, check_budget, search
+from tasprune.tas.space import SearchSpace
+from tasprune.tas.supernet import SuperNet
+from tasprune.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

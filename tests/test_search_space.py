@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tasprune import Shape, count_flops
-from tasprune.search.sampling import gumbel_softmax, gumbel_topk, mean_entropy, tau_at
-from tasprune.search.space import SearchSpace, depth_choices, width_choices
-from tasprune.search.supernet import channel_interp, interp_matrix
+from tasprune.tas.sampling import gumbel_softmax, gumbel_topk, mean_entropy, tau_at
+from tasprune.tas.space import SearchSpace, depth_choices, width_choices
+from tasprune.tas.supernet import channel_interp, interp_matrix
 
 
 def test_width_choices_floor_ratios_dedup_sorted():

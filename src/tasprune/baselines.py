@@ -14,7 +14,7 @@ recipe as for a searched shape.
 
 Each method also takes another budget than the FLOPs: `cost` maps a shape to its
 cost over the budget (at most 1 when it fits; several budgets: the largest such
-ratio, `tasprune.search.cost.normalized_cost`), and the method keeps the costliest
+ratio, `tasprune.tas.cost.normalized_cost`), and the method keeps the costliest
 shape that fits, as it does with the FLOPs.
 """
 
@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from tasprune.flops import count_flops
-from tasprune.search.space import DEFAULT_RATIOS, SearchSpace, used_slots
 from tasprune.shape import Shape
+from tasprune.tas.space import DEFAULT_RATIOS, SearchSpace, used_slots
 
 METHODS = ("uniform", "l1", "random")
 

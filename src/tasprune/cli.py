@@ -91,7 +91,7 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
 
 def _has_checkpoint(path: Path) -> bool:
     """The checkpoint, or the previous one it keeps (resuming falls back to that one)."""
-    from tasprune.train.checkpoint import previous_path
+    from tasprune.training.checkpoint import previous_path
 
     return path.is_file() or previous_path(path).is_file()
 
@@ -203,7 +203,7 @@ def _load_data(spec: str, quiet: bool = True) -> DataBundle:
 
 
 def _train_default(name: str) -> Any:
-    from tasprune.train.trainer import TrainConfig
+    from tasprune.training.trainer import TrainConfig
 
     return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
 
@@ -281,7 +281,7 @@ def log_sinks(text: str) -> tuple[str, ...]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tasprune.export import load_pruned
-    from tasprune.train.trainer import TrainConfig, train
+    from tasprune.training.trainer import TrainConfig, train
 
     if args.teacher is None and (args.kd_alpha is not None or args.kd_temperature is not None):
         raise UserError("--kd-alpha/--kd-temperature configure distillation, which needs "
@@ -337,7 +337,7 @@ def _check_teacher_of_shape(teacher: Shape, shape: Shape, teacher_path: str, tar
 
 # search -----------------------------------------------------------------------------
 def _add_search(sub: argparse._SubParsersAction) -> None:
-    from tasprune.search.searcher import SearchConfig
+    from tasprune.tas.searcher import SearchConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
     p = sub.add_parser(
@@ -387,7 +387,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from tasprune.export import load_pruned
-    from tasprune.search.searcher import SearchConfig, check_budget, search, space_of
+    from tasprune.tas.searcher import SearchConfig, check_budget, search, space_of
 
     check_out_dir(args.out)
     if args.flops_ratio is None and args.params_ratio is None and args.latency_ratio is None:
@@ -475,7 +475,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tasprune.evaluation import evaluate_model, latency_lines
     from tasprune.export import load_pruned
     from tasprune.latency import LatencyConfig
-    from tasprune.train.trainer import resolve_device
+    from tasprune.training.trainer import resolve_device
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
@@ -685,7 +685,7 @@ def _prune_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _run_prune(recipe: str | None, overrides: list[str], out: str, quiet: bool) -> int:
-    from tasprune.prune import load_prune_config, prune
+    from tasprune.pipeline import load_prune_config, prune
     from tasprune.report import format_summary
 
     config = load_prune_config(recipe, tuple(overrides))
@@ -770,7 +770,7 @@ def _add_recipes(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from tasprune.prune import RECIPES_DIR, recipe_names
+    from tasprune.pipeline import RECIPES_DIR, recipe_names
 
     for name in recipe_names():
         first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")

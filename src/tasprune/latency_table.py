@@ -299,7 +299,7 @@ class LatencyTable:
     def keys_of_space(self, space: object) -> set[Key]:
         """Every (operation, widths) the shapes of a search space (and its unpruned network)
         can use."""
-        from tasprune.search.space import SearchSpace  # the space imports nothing of this
+        from tasprune.tas.space import SearchSpace  # the space imports nothing of this
 
         assert isinstance(space, SearchSpace)
         dists = [WidthDist(torch.tensor(c, dtype=torch.float64),

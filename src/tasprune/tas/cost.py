@@ -30,10 +30,10 @@ from tasprune.flops import (
     expected_flops,
     expected_params,
 )
-from tasprune.search.sampling import masked_softmax
-from tasprune.search.space import SearchSpace
-from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
+from tasprune.tas.sampling import masked_softmax
+from tasprune.tas.space import SearchSpace
+from tasprune.tas.supernet import SuperNet
 
 Expectation = Callable[[Skeleton, Sequence[WidthDist], Sequence[DepthDist]], torch.Tensor]
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from tasprune.flops import count_flops
-from tasprune.search.sampling import masked_log_softmax
-from tasprune.search.space import SearchSpace, used_slots
 from tasprune.shape import Shape
+from tasprune.tas.sampling import masked_log_softmax
+from tasprune.tas.space import SearchSpace, used_slots
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from tasprune.data.source import BatchTransform, ImageSource, num_batches
 from tasprune.dist import Dist
 from tasprune.faults import Interrupted, NonFiniteLoss, StopRequest
 from tasprune.progress import progress
-from tasprune.train.distill import DistillConfig, distill_loss, teacher_logits
+from tasprune.training.distill import DistillConfig, distill_loss, teacher_logits
 
 AMP_MODES = ("off", "bf16", "fp16")
 

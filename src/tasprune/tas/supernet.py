@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasprune.families import BlockSpec
-from tasprune.search.sampling import gumbel_softmax, gumbel_topk, masked_softmax
-from tasprune.search.space import SearchSpace
 from tasprune.shape import Shape
+from tasprune.tas.sampling import gumbel_softmax, gumbel_topk, masked_softmax
+from tasprune.tas.space import SearchSpace
 
 BN_MOMENTUM = 0.1  # nn.BatchNorm2d defaults, as the pruned network
 BN_EPS = 1e-5

@@ -18,8 +18,8 @@ from torch import nn
 
 from tasprune.data.source import DataBundle
 from tasprune.models import ResNet, build_model
-from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
+from tasprune.tas.supernet import SuperNet
 
 
 def recalibrate_bn(model: nn.Module, images: Iterable[torch.Tensor]) -> None:

@@ -31,11 +31,9 @@ import hashlib
 import json
 import os
 import sys
-import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -44,26 +42,26 @@ from tasprune.baselines import check_method_ratio, l1_shape, random_shape, unifo
 from tasprune.config import ConfigError, load_config, save_config, to_dict, yaml_problem
 from tasprune.data import load_data, same_data
 from tasprune.data.source import DataBundle
+from tasprune.device import check_fits_data, resolve_device
 from tasprune.dist import init_from_env
 from tasprune.evaluation import evaluate_model, isolated_latency_report
 from tasprune.export import load_pruned
 from tasprune.flops import count_flops, count_params
-from tasprune.latency import LatencyConfig
 from tasprune.models import ResNet
 from tasprune.report import write_report
-from tasprune.search.cost import Budget, normalized_cost
-from tasprune.search.searcher import (
-    SearchConfig,
+from tasprune.settings import PruneConfig
+from tasprune.shape import Shape
+from tasprune.tas.cost import Budget, normalized_cost
+from tasprune.tas.searcher import (
     build_budgets,
     check_budget,
     describe_budgets,
     search,
     space_of,
 )
-from tasprune.shape import Shape
-from tasprune.tracking import check_sinks, log_record
-from tasprune.train.checkpoint import previous_path
-from tasprune.train.trainer import TrainConfig, check_fits_data, resolve_device, train
+from tasprune.tracking import log_record
+from tasprune.training.checkpoint import previous_path
+from tasprune.training.trainer import train
 
 RECIPES_DIR = Path(__file__).parent / "configs"
 CONFIG_FILE = "config.yaml"
@@ -76,51 +74,7 @@ _RUNTIME_KEYS = {"quiet", "device", "amp", "compile", "eval_every", "checkpoint_
 # the search space of free residual widths)
 _ADDED_KEYS = {("latency", "rounds"): 5, ("latency", "threads"): None,
                ("latency", "deploy"): True, ("search", "couple_residual"): False}
-Method = Literal["tas", "uniform", "l1", "random"]
-METHODS: tuple[str, ...] = typing.get_args(Method)
 
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """Everything `prune` does. model/data: what to prune on what; teacher: path of a
-    trained unpruned model (run dir or model.safetensors), None to train one with
-    `teacher_train`; search: the TAS search (its flops_ratio is the budget); train: the
-    training of the shape (KD from the teacher; kd_alpha=0 for none); latency: how to
-    time models.
-
-    method: "tas" searches the shape; "uniform", "l1" and "random" take it from
-    `tasprune.baselines` at search.flops_ratio instead ("random" draws `random_samples`
-    shapes from the search space of search.width_ratios/channel_multiple with
-    search.seed). "l1" always inherits the teacher's weights (train.inherit is set to
-    true, and saved so in config.yaml): its shape is made of the teacher's filters.
-
-    log: trackers every phase writes to besides metrics.jsonl ("csv", "tensorboard");
-    when given it replaces the phases' own `log` settings."""
-
-    model: str = "resnet20"
-    data: str = "demo"
-    method: Method = "tas"
-    teacher: str | None = None
-    teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=200))
-    search: SearchConfig = field(default_factory=SearchConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=300))
-    latency: LatencyConfig = field(default_factory=LatencyConfig)
-    random_samples: int = 1000
-    log: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if isinstance(self.random_samples, bool) or self.random_samples < 1:
-            raise ValueError(f"random_samples must be an integer >= 1, got "
-                             f"{self.random_samples!r}")
-        if self.method == "l1" and not self.train.inherit:
-            object.__setattr__(self, "train", dataclasses.replace(self.train, inherit=True))
-        object.__setattr__(self, "log", check_sinks(self.log))
-        if self.log:
-            for phase in ("teacher_train", "search", "train"):
-                object.__setattr__(self, phase, dataclasses.replace(getattr(self, phase),
-                                                                    log=self.log))
 
 
 def recipe_path(name_or_path: str) -> Path:

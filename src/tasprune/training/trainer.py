@@ -59,8 +59,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tasprune._io import drop_records, read_jsonl
-from tasprune.config import save_config, to_dict
+from tasprune.config import save_config
 from tasprune.data.source import DataBundle
+from tasprune.device import check_fits_data, resolve_amp, resolve_device
 from tasprune.dist import (
     Dist,
     init_from_env,
@@ -72,9 +73,10 @@ from tasprune.export import SHAPE_FILE, save_pruned
 from tasprune.faults import Interrupted, StopRequest
 from tasprune.flops import count_flops, count_params
 from tasprune.models import ResNet, build_model
+from tasprune.settings import TrainConfig
 from tasprune.shape import Shape
-from tasprune.tracking import check_sinks, log_record
-from tasprune.train.checkpoint import (
+from tasprune.tracking import log_record
+from tasprune.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_latest,
@@ -84,9 +86,8 @@ from tasprune.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tasprune.train.distill import DistillConfig
-from tasprune.train.inherit import inherit_weights
-from tasprune.train.loop import (
+from tasprune.training.inherit import inherit_weights
+from tasprune.training.loop import (
     EpochControl,
     EpochProgress,
     LoopOptions,
@@ -94,7 +95,7 @@ from tasprune.train.loop import (
     steps_per_epoch,
     train_one_epoch,
 )
-from tasprune.train.optim import WarmupCosine, check_sgd_settings, make_sgd
+from tasprune.training.optim import WarmupCosine, make_sgd
 
 CHECKPOINT_FILE = "train.pt"
 BEST_FILE = "best.pt"
@@ -104,84 +105,7 @@ _CHECKPOINT_KIND = "tasprune.train"
 # settings that may change when resuming (they do not change what is computed on CPU)
 _RESUME_MAY_CHANGE = frozenset({"quiet", "device", "amp", "compile", "eval_every",
                                 "checkpoint_every", "log"})
-AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train a shape. Defaults follow the TAS recipe (SGD 0.1 Nesterov, wd 5e-4,
-    warm-up then cosine, KD alpha 0.9 T 4), with the warm-up shortened for short runs.
-
-    warmup_epochs: None = 5 epochs (TAS), capped at 10% of the run.
-    decay_norm_and_bias: apply weight decay to BN parameters and biases too (off by default).
-    device: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:N".
-    amp: "auto" (bf16 on CUDA where supported, else fp16; off on CPU), "off", "bf16", "fp16".
-    eval_every: evaluate on the test split every N epochs (and always after the last).
-    checkpoint_every: also write train.pt every N optimiser steps of the run (0: only at
-        epoch ends), so that a killed run loses at most N steps.
-    compile: `torch.compile` the model for the training steps (evaluation and the saved
-        weights use the plain module).
-    log: trackers besides metrics.jsonl ("csv", "tensorboard"; see tasprune.tracking).
-    batch_size is the global batch: under torchrun each of the W processes runs
-        batch_size / W images per step.
-    """
-
-    epochs: int
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    decay_norm_and_bias: bool = False
-    warmup_epochs: float | None = None
-    label_smoothing: float = 0.0
-    kd_alpha: float = 0.9
-    kd_temperature: float = 4.0
-    inherit: bool = False
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "auto"
-    compile: bool = False
-    eval_every: int = 1
-    checkpoint_every: int = 0
-    quiet: bool = False
-    log: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warm-up ({self.warmup_epochs} epochs) must be >= 0 and shorter "
-                             f"than the run ({self.epochs} epochs)")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (0: only at epoch ends), "
-                             f"got {self.checkpoint_every}")
-        if self.amp not in AMP_CHOICES:
-            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
-        object.__setattr__(self, "log", check_sinks(self.log))
-        if self.device != "auto":
-            parse_device(self.device)
-        self.distill_config()  # validates alpha, temperature, label smoothing
-        check_sgd_settings(self.lr, self.momentum, self.nesterov, self.weight_decay)
-
-    def distill_config(self) -> DistillConfig:
-        return DistillConfig(alpha=self.kd_alpha, temperature=self.kd_temperature,
-                             label_smoothing=self.label_smoothing)
-
-    def warmup(self) -> float:
-        """Warm-up epochs actually used."""
-        if self.warmup_epochs is not None:
-            return self.warmup_epochs
-        return min(5.0, 0.1 * self.epochs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
 
 
 @dataclass
@@ -195,51 +119,9 @@ class TrainResult:
     rank: int = 0
 
 
-def parse_device(name: str) -> torch.device:
-    """A torch device from its name; one PyTorch cannot use is a ValueError naming it."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not one tasprune can run on; use 'auto', "
-                         "'cpu', 'cuda' or 'cuda:N'")
-    return device
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; a CUDA device that is absent is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = parse_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available on this machine; "
-                         "use --device cpu")
-    return device
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    if amp != "auto":
-        return amp
-    if device.type != "cuda":
-        return "off"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch's batch order and augmentation (same seed -> same epoch)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
-
-
-def check_fits_data(shape: Shape, data: DataBundle, what: str) -> None:
-    """Classes and input channels of a network must be the dataset's."""
-    if shape.num_classes != data.num_classes or shape.in_channels != data.in_channels:
-        raise ValueError(
-            f"the {what} has {shape.num_classes} classes and {shape.in_channels} input channels "
-            f"but the data {data.name!r} has {data.num_classes} classes and {data.in_channels} "
-            f"channels; use the data the network was made for, or a shape built for this data "
-            f"(shape.replace(num_classes={data.num_classes}, in_channels={data.in_channels}))"
-        )
 
 
 def _log(config: TrainConfig, dist: Dist, message: str) -> None:

@@ -12,7 +12,7 @@ interpolation in both steps. docs/search.md explains both and why the default
 differs. The first `weight_warmup` of the steps train the weights only; tau
 anneals per step after them (or per epoch, `tau_per="epoch"`). The derived shape
 is the argmax of every distribution, moved into the FLOP band when it lies
-outside (`tasprune.search.derive`).
+outside (`tasprune.tas.derive`).
 
 Reproducibility: the split comes from the seed; batch order, augmentation and
 Gumbel noise of epoch e come from generators seeded by (seed, e), so an epoch
@@ -85,6 +85,7 @@ from tqdm import tqdm
 from tasprune._io import drop_records, read_jsonl
 from tasprune.config import from_dict, to_dict
 from tasprune.data.source import DataBundle, per_class_split
+from tasprune.device import check_fits_data, resolve_amp, resolve_device
 from tasprune.dist import (
     Dist,
     init_from_env,
@@ -97,7 +98,9 @@ from tasprune.flops import count_flops, count_params, expected_flops
 from tasprune.latency_table import Key, LatencyTable
 from tasprune.models import ResNet, build_model
 from tasprune.progress import progress
-from tasprune.search.cost import (
+from tasprune.settings import SearchConfig
+from tasprune.shape import Shape
+from tasprune.tas.cost import (
     Budget,
     BudgetLoss,
     band_floor,
@@ -109,14 +112,13 @@ from tasprune.search.cost import (
     supernet_budget_loss,
     supernet_expected_flops,
 )
-from tasprune.search.derive import derive_in_band
-from tasprune.search.health import Health, accuracy
-from tasprune.search.sampling import SCHEDULES, entropy, mean_entropy, tau_at
-from tasprune.search.space import DEFAULT_RATIOS, SearchSpace
-from tasprune.search.supernet import Arch, SuperNet
-from tasprune.shape import Shape
-from tasprune.tracking import check_sinks, log_record
-from tasprune.train.checkpoint import (
+from tasprune.tas.derive import derive_in_band
+from tasprune.tas.health import Health, accuracy
+from tasprune.tas.sampling import entropy, mean_entropy, tau_at
+from tasprune.tas.space import SearchSpace
+from tasprune.tas.supernet import Arch, SuperNet
+from tasprune.tracking import log_record
+from tasprune.training.checkpoint import (
     CheckpointError,
     load_latest,
     previous_path,
@@ -124,193 +126,15 @@ from tasprune.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tasprune.train.distill import DistillConfig, distill_loss, teacher_logits
-from tasprune.train.inherit import reorder_channels, taylor_importance
-from tasprune.train.loop import autocast_for
-from tasprune.train.optim import WarmupCosine, make_sgd
-from tasprune.train.trainer import (
-    AMP_CHOICES,
-    check_fits_data,
-    parse_device,
-    resolve_amp,
-    resolve_device,
-)
+from tasprune.training.distill import DistillConfig, distill_loss, teacher_logits
+from tasprune.training.inherit import reorder_channels, taylor_importance
+from tasprune.training.loop import autocast_for
+from tasprune.training.optim import WarmupCosine, make_sgd
 
 CHECKPOINT = "search.pt"
 METRICS = "metrics.jsonl"
 SHAPE = "shape.json"
 _FORMAT = "tasprune.search/2"  # /2: the in-place KD search (1 had no suffix)
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """Hyper-parameters of the search (defaults: docs/search.md; the TAS code's values
-    where the paper's procedure is kept).
-
-    flops_ratio: target FLOPs as a fraction of the unpruned network's (None: no FLOP
-    budget); params_ratio: the same for the parameter count; latency_ratio: the same for
-    the latency on `latency_device` at `latency_threads` threads (0: torch's count), at
-    every batch size of `latency_batch_sizes` (priced by a measured per-layer table,
-    `tasprune.latency_table`); the derived shape meets every budget given.
-    tolerance: width of the zero-loss band below each target, as a fraction of
-    the unpruned cost; flop_weight: lambda of the arch loss; topk: width
-    candidates per slot and forward of the paper's relaxation (1 = hard sample); width_ratios and
-    channel_multiple: the width choices (see search.space); couple_residual: one width
-    per residual stream (no stride-1 projection is ever added; the paper recipes turn it
-    off); split_fraction:
-    share of every class in the "train" half; checkpoint_every: also write
-    search.pt after every N-th step (0: at epoch ends only; may change on resume).
-
-    What the default adds to the paper's procedure (each can be turned off; the
-    paper recipes do): kd_alpha/kd_temperature: the weight step distils from the
-    teacher (in-place KD; 0 = the paper's cross-entropy); reorder: sort the
-    teacher's channels by importance before the search, so the first c channels of
-    every tensor are its best c; weight_warmup: the fraction of the steps that train
-    the weights only, before the first architecture step; tau_per: "step" anneals
-    tau over the architecture steps, "epoch" sets it per epoch (the paper);
-    flop_loss: where the FLOP loss's direction comes from: "argmax" the argmax
-    shape's FLOPs (the paper), "expected" the expected FLOPs, "anneal" from the
-    expected to the argmax's over the architecture steps; arch_lr_steps: > 0 scales
-    arch_lr by arch_lr_steps / (architecture steps of this search), so a short search
-    moves the logits as far as a long one (0 = arch_lr as given); relaxation:
-    "expected" (see arch_step_arch) or "gumbel" (the paper's); entropy_weight: the
-    mean entropy's weight in the arch loss at the last step (rising from 0).
-    health_images: held-out images on which every epoch measures the argmax shape's
-    accuracy (0 = off). fill: widen the derived shape until no widening move fits under
-    the target (the moves the distributions are least sure about first); false derives
-    the argmax (moved into the band when outside), as the paper.
-
-    Where and how it runs (none of these change the result on the CPU; each may change
-    on resume): device; amp: mixed precision of both steps' forward and backward,
-    "auto" (bf16 on CUDA where supported, else fp16; off on the CPU), "off", "bf16" or
-    "fp16" (the FLOP loss stays in float64); compile: `torch.compile` the teacher's
-    forward (the supernet changes shape every step, which compiling would retrace);
-    log: trackers besides metrics.jsonl ("csv", "tensorboard"; see tasprune.tracking).
-    """
-
-    flops_ratio: float | None = 0.5
-    params_ratio: float | None = None
-    latency_ratio: float | None = None
-    latency_batch_sizes: tuple[int, ...] = (1, 64)
-    latency_threads: int = 0
-    latency_device: str = "cpu"
-    epochs: int = 600
-    batch_size: int = 256
-    lr: float = 0.03
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    arch_lr: float = 0.05
-    arch_betas: tuple[float, float] = (0.5, 0.999)
-    arch_weight_decay: float = 1e-3
-    tau_max: float = 5.0
-    tau_min: float = 0.1
-    tau_schedule: str = "cosine"
-    flop_weight: float = 2.0
-    tolerance: float = 0.05
-    topk: int = 2
-    width_ratios: tuple[float, ...] = DEFAULT_RATIOS
-    channel_multiple: int = 1
-    couple_residual: bool = True
-    split_fraction: float = 0.5
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 0
-    kd_alpha: float = 0.9
-    kd_temperature: float = 4.0
-    reorder: bool = True
-    weight_warmup: float = 0.2
-    tau_per: str = "step"
-    flop_loss: str = "anneal"
-    arch_lr_steps: int = 150
-    relaxation: str = "expected"
-    entropy_weight: float = 1.0
-    health_images: int = 2000
-    fill: bool = True
-    amp: str = "auto"
-    compile: bool = False
-    log: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        def fail(name: str, rule: str) -> None:
-            raise ValueError(f"search config {name} = {getattr(self, name)!r}: {rule}")
-
-        for name, what in (("flops_ratio", "FLOPs"), ("params_ratio", "parameters"),
-                           ("latency_ratio", "latency")):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not 0 < value <= 1):
-                fail(name, f"a budget is a fraction of the unpruned network's {what} in (0, 1],"
-                     " e.g. 0.5 for half")
-        if self.flops_ratio is None and self.params_ratio is None and self.latency_ratio is None:
-            fail("flops_ratio", "give at least one budget: flops_ratio, params_ratio or "
-                 "latency_ratio")
-        object.__setattr__(self, "latency_batch_sizes",
-                           tuple(self.latency_batch_sizes))
-        if not self.latency_batch_sizes or not all(
-                isinstance(b, int) and not isinstance(b, bool) and b >= 1
-                for b in self.latency_batch_sizes):
-            fail("latency_batch_sizes", "batch sizes >= 1, e.g. [1, 64]")
-        if isinstance(self.latency_threads, bool) or not isinstance(self.latency_threads, int) \
-                or self.latency_threads < 0:
-            fail("latency_threads", "an integer >= 0 (0: torch's thread count)")
-        try:
-            parse_device(self.latency_device)
-        except ValueError:
-            fail("latency_device", "use 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("epochs", "batch_size", "topk", "channel_multiple"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(name, "must be an integer >= 1")
-        for name, rule in (("checkpoint_every", "(0: checkpoint at epoch ends only)"),
-                           ("arch_lr_steps", "(0: use arch_lr as given)"),
-                           ("health_images", "(0: no accuracy check per epoch)")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                fail(name, f"an integer >= 0 {rule}")
-        for name in ("lr", "arch_lr"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                fail(name, "a learning rate must be a positive number")
-        for name in ("momentum", "weight_decay", "arch_weight_decay", "flop_weight",
-                     "tolerance"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                fail(name, "must be a number >= 0")
-        if len(self.arch_betas) != 2 or not all(0 <= b < 1 for b in self.arch_betas):
-            fail("arch_betas", "Adam needs two betas in [0, 1), e.g. [0.5, 0.999]")
-        if not 0 < self.tau_min <= self.tau_max:
-            fail("tau_min", f"need 0 < tau_min <= tau_max (tau_max = {self.tau_max})")
-        if self.tau_schedule not in SCHEDULES:
-            fail("tau_schedule", f"expected one of {', '.join(SCHEDULES)}")
-        if not self.width_ratios or not all(0 < r <= 1 for r in self.width_ratios):
-            fail("width_ratios", "give width ratios in (0, 1], e.g. [0.3, 0.4, ..., 1.0]")
-        if not 0 < self.split_fraction < 1:
-            fail("split_fraction", "the train half's share of every class, in (0, 1)")
-        if not 0 <= self.kd_alpha <= 1:
-            fail("kd_alpha", "the weight of distillation in the weight step, in [0, 1] "
-                 "(0: cross-entropy only, as the paper)")
-        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
-            fail("kd_temperature", "a temperature > 0, e.g. 4")
-        if not 0 <= self.weight_warmup < 1:
-            fail("weight_warmup", "a fraction of the steps in [0, 1) (0: no warm-up)")
-        if self.tau_per not in ("step", "epoch"):
-            fail("tau_per", "expected step or epoch")
-        if self.flop_loss not in ("anneal", "expected", "argmax"):
-            fail("flop_loss", "expected 'anneal', 'expected' or 'argmax'")
-        if self.relaxation not in ("expected", "gumbel"):
-            fail("relaxation", "expected 'expected' or 'gumbel' (the paper's)")
-        if not (math.isfinite(self.entropy_weight) and self.entropy_weight >= 0):
-            fail("entropy_weight", "must be a number >= 0 (0: no entropy term)")
-        if self.nesterov and self.momentum == 0:
-            fail("momentum", "Nesterov momentum needs momentum > 0 (or set nesterov false)")
-        if self.device != "auto":
-            try:
-                parse_device(self.device)
-            except ValueError:
-                fail("device", "use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if self.amp not in AMP_CHOICES:
-            fail("amp", f"expected one of {', '.join(AMP_CHOICES)}")
-        object.__setattr__(self, "log", check_sinks(self.log))
-        object.__setattr__(self, "width_ratios", tuple(float(r) for r in self.width_ratios))
-        object.__setattr__(self, "arch_betas", tuple(float(b) for b in self.arch_betas))
 
 
 @dataclass(frozen=True)
