@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -79,8 +80,8 @@ def _shape_for_weights(path: Path, meta: dict[str, str]) -> Shape:
                             f"put the run's {SHAPE_FILE} next to the weights")
 
 
-def load_pruned(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ResNet:
-    """Rebuild a (pruned) network and load its weights, in eval mode.
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ResNet:
+    """Rebuild a saved network, pruned or not, and load its weights, in eval mode.
 
     `path` is a run directory (holding model.safetensors and shape.json), a
     `.safetensors` file, or a training checkpoint (`train.pt` / `best.pt`).
@@ -114,6 +115,26 @@ def load_pruned(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     model = build_model(shape)
     load_state_checked(model, state, str(path))
     return model.to(device).eval()
+
+
+load_pruned = load_model  # the name of earlier versions
+
+Teacher = ResNet | Mapping[str, torch.Tensor] | str | os.PathLike[str]
+
+
+def as_teacher(teacher: Teacher | None, shape_full: Shape) -> ResNet | None:
+    """A teacher as every phase takes it: a model, a state dict of the unpruned network
+    `shape_full`, or the path of a saved model (`load_model`); None stays None."""
+    if teacher is None or isinstance(teacher, ResNet):
+        return teacher
+    if isinstance(teacher, (str, os.PathLike)):
+        return load_model(teacher)
+    if isinstance(teacher, Mapping):
+        model = build_model(shape_full)
+        load_state_checked(model, teacher, "the teacher's state dict")
+        return model.eval()
+    raise TypeError(f"a teacher is a tasprune model, a state dict or the path of a saved "
+                    f"model, not {type(teacher).__name__}")
 
 
 def _example_input(model: ResNet, batch: int = 1) -> torch.Tensor:
