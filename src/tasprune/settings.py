@@ -28,16 +28,25 @@ Method = Literal["tas", "uniform", "l1", "random"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 
 
-def setting(default: Any, doc: str, *, factory: Any = None) -> Any:
-    """A config field: its default (or a factory for a section) and its one-line doc."""
+def setting(default: Any, doc: str, *, factory: Any = None, runtime: bool = False) -> Any:
+    """A config field: its default (or a factory for a section), its one-line doc, and
+    whether it is a runtime setting (where and how a run goes, not what it computes on
+    the CPU: it may change when the run is resumed)."""
+    meta = {"doc": doc, "runtime": runtime}
     if factory is not None:
-        return field(default_factory=factory, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def doc(f: dataclasses.Field[Any]) -> str:
     """The one-line doc of a config field ("" when it has none)."""
     return str(f.metadata.get("doc", ""))
+
+
+def runtime_fields(cls: type[Any]) -> frozenset[str]:
+    """The fields of config class `cls` a resumed run may change (device, amp, compile,
+    logging, checkpoint frequency, progress display): none of them changes the result."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
 
 
 @dataclass(frozen=True)
@@ -92,9 +101,9 @@ class SearchConfig:
                                     "the training set")
     seed: int = setting(0, "seed of the split, the batch order, the augmentation and the "
                         "Gumbel noise")
-    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N", runtime=True)
     checkpoint_every: int = setting(0, "also write search.pt every N steps (0: at epoch "
-                                    "ends only)")
+                                    "ends only)", runtime=True)
     kd_alpha: float = setting(0.9, "weight of distillation from the teacher in the weight "
                               "step, in [0, 1] (0: cross-entropy, as the paper)")
     kd_temperature: float = setting(4.0, "distillation temperature")
@@ -119,9 +128,10 @@ class SearchConfig:
     fill: bool = setting(True, "widen the derived shape while a widening fits the budget "
                          "(false: the argmax, as the paper)")
     amp: str = setting("auto", "mixed precision: auto (bf16 or fp16 on CUDA, off on CPU), "
-                       "off, bf16 or fp16")
-    compile: bool = setting(False, "torch.compile the teacher's forward")
-    log: tuple[str, ...] = setting((), "trackers besides metrics.jsonl: csv, tensorboard")
+                       "off, bf16 or fp16", runtime=True)
+    compile: bool = setting(False, "torch.compile the teacher's forward", runtime=True)
+    log: tuple[str, ...] = setting((), "trackers besides metrics.jsonl: csv, tensorboard",
+                                   runtime=True)
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str) -> None:
@@ -232,16 +242,17 @@ class TrainConfig:
     inherit: bool = setting(False, "start from the teacher's weights (largest-L1 channels, "
                             "first blocks) instead of from scratch")
     seed: int = setting(0, "seed of the initialisation, batch order and augmentation")
-    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N", runtime=True)
     amp: str = setting("auto", "mixed precision: auto (bf16 or fp16 on CUDA, off on CPU), "
-                       "off, bf16 or fp16")
-    compile: bool = setting(False, "torch.compile the training steps")
+                       "off, bf16 or fp16", runtime=True)
+    compile: bool = setting(False, "torch.compile the training steps", runtime=True)
     eval_every: int = setting(1, "evaluate on the test split every N epochs (and after the "
-                              "last)")
+                              "last)", runtime=True)
     checkpoint_every: int = setting(0, "also write train.pt every N optimiser steps (0: at "
-                                    "epoch ends only)")
-    quiet: bool = setting(False, "no progress display")
-    log: tuple[str, ...] = setting((), "trackers besides metrics.jsonl: csv, tensorboard")
+                                    "epoch ends only)", runtime=True)
+    quiet: bool = setting(False, "no progress display", runtime=True)
+    log: tuple[str, ...] = setting((), "trackers besides metrics.jsonl: csv, tensorboard",
+                                   runtime=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -306,7 +317,7 @@ class PruneConfig:
                                   "best under the budget)")
     log: tuple[str, ...] = setting((), "trackers every phase writes to besides "
                                    "metrics.jsonl (csv, tensorboard); replaces the phases' "
-                                   "own log settings")
+                                   "own log settings", runtime=True)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
