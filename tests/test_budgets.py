@@ -196,28 +196,29 @@ def test_a_search_under_a_params_and_a_latency_budget(tmp_path, monkeypatch):
                tmp_path / "never", quiet=True)
 
 
-def test_budget_flags_reach_the_config(tmp_path, capsys):
-    from tasprune.cli import _prune_overrides, build_parser, main
+def test_budget_flags_reach_the_config(tmp_path):
+    from tasprune.cli import _budget_alone, _prune_flags, build_parser
+    from tasprune.flags import config_values
     from tasprune.pipeline import load_prune_config
 
     args = build_parser().parse_args(["prune", "--out", str(tmp_path / "r"), "--latency-ratio",
                                       "0.5", "--params-ratio", "0.6", "--couple-residual",
                                       "--channel-multiple", "8"])
-    config = load_prune_config(None, tuple(_prune_overrides(args)))
+    config = load_prune_config(None, flags=_prune_flags(args))
     search_cfg = config.search
     assert search_cfg.flops_ratio is None  # another budget alone: no FLOP budget
     assert (search_cfg.latency_ratio, search_cfg.params_ratio) == (0.5, 0.6)
     assert search_cfg.couple_residual is True and search_cfg.channel_multiple == 8
     both = build_parser().parse_args(["prune", "--out", "x", "--latency-ratio", "0.5",
                                       "--flops-ratio", "0.4", "--no-couple-residual"])
-    config = load_prune_config(None, tuple(_prune_overrides(both)))
+    config = load_prune_config(None, flags=_prune_flags(both))
     assert config.search.flops_ratio == 0.4 and config.search.couple_residual is False
-    out = tmp_path / "run"
-    assert main(["search", "--model", "resnet20", "--data", "demo", "--epochs", "1", "--out",
-                 str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "give a budget: --flops-ratio, --params-ratio and/or --latency-ratio" in err
-    assert not out.exists()
+    search = ["search", "--model", "resnet20", "--data", "demo", "--epochs", "1", "--out", "x"]
+    alone = build_parser().parse_args([*search, "--params-ratio", "0.5"])
+    assert _budget_alone(config_values(alone), "") == {"epochs": 1, "params_ratio": 0.5,
+                                                       "flops_ratio": None}
+    default = build_parser().parse_args(search)
+    assert _budget_alone(config_values(default), "") == {"epochs": 1}  # SearchConfig's 0.5
 
 
 def test_a_table_checks_itself_against_the_network_and_can_forget(tmp_path):

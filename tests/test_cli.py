@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -45,8 +46,18 @@ def test_flops_unreadable_file(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
 
 
-def test_every_subcommand_has_help():
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, p in sub.choices.items():
-        assert p.description, name
+def _leaf_parsers(parser):
+    """Every (sub)command parser that runs something: name -> parser."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None:
+        return {parser.prog: parser}
+    return {k: v for p in sub.choices.values() for k, v in _leaf_parsers(p).items()}
+
+
+def test_every_command_says_in_its_help_what_it_writes():
+    leaves = _leaf_parsers(build_parser())
+    assert len(leaves) == 13, sorted(leaves)
+    for name, p in leaves.items():
+        assert "writes" in (p.description or "").lower(), name
+
+

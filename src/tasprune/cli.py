@@ -9,10 +9,9 @@ reported on one line with exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import json
-import math
+import re
 import sys
 import typing
 from collections.abc import Sequence
@@ -21,10 +20,13 @@ from typing import Any
 
 from tasprune import __version__
 from tasprune.baselines import METHODS as BASELINE_METHODS
+from tasprune.config import load_config
 from tasprune.data import DATA_SPEC_HELP, DataBundle, load_data
 from tasprune.dist import env_rank, leave_process_group
 from tasprune.faults import Interrupted, NonFiniteLoss
+from tasprune.flags import add_config_flags, config_values, given
 from tasprune.flops import count_params, layer_table
+from tasprune.settings import PruneConfig, SearchConfig, TrainConfig
 from tasprune.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
 
 
@@ -36,39 +38,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block), like every other error of the CLI."""
 
     def error(self, message: str) -> typing.NoReturn:
+        message = re.sub(r"^argument (--[\w-]+)/[-\w/]+:", r"argument \1:", message)  # one name
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def flops_ratio(text: str) -> float:
-    """argparse type of --flops-ratio: a finite number (the range, which depends on the model's
-    search space, is checked where the space is known, with the reachable range named)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number in (0, 1]; a budget is a fraction of the unpruned "
-            "model's cost (FLOPs, parameters or latency), e.g. 0.5 for half")
-    return value
-
-
-def _add_budget_arguments(p: argparse.ArgumentParser, flops_help: str) -> None:
-    """--flops-ratio, --params-ratio, --latency-ratio and the shape-space flags."""
-    p.add_argument("--flops-ratio", type=flops_ratio, metavar="R", help=flops_help)
-    p.add_argument("--params-ratio", type=flops_ratio, metavar="R", help="parameter budget "
-                   "as a fraction of the unpruned model's parameter count, in (0, 1]")
-    p.add_argument("--latency-ratio", type=flops_ratio, metavar="R", help="latency budget: "
-                   "the pruned net's latency on this machine's CPU (at the thread count in "
-                   "use) at batch 1 and 64 at most R times the unpruned net's, priced by a "
-                   "per-layer latency table timed once and cached under ~/.cache/tasprune "
-                   "(search.latency_batch_sizes, search.latency_device, "
-                   "search.latency_threads change it); without --flops-ratio, no FLOP budget")
-    p.add_argument("--channel-multiple", type=int, metavar="N", help="round every width "
-                   "choice to a multiple of N, e.g. 8 (default 1: no rounding)")
-    p.add_argument("--couple-residual", action=argparse.BooleanOptionalAction, default=None,
-                   help="one width per residual stream, so no stride-1 projection is added "
-                   "(search.couple_residual)")
 
 
 def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
@@ -202,12 +173,6 @@ def _load_data(spec: str, quiet: bool = True) -> DataBundle:
     return load_data(spec, quiet=quiet)
 
 
-def _train_default(name: str) -> Any:
-    from tasprune.training.trainer import TrainConfig
-
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -216,7 +181,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "the pruned network of --shape, from scratch or, with --inherit, initialised from the "
         "teacher; with --teacher, by knowledge distillation. Writes into --out DIR: "
         "model.safetensors + shape.json (the trained model, for `tasprune eval`, `tasprune "
-        "export` and tasprune.load_pruned), train.pt (resumable checkpoint, updated every "
+        "export` and tasprune.load_model), train.pt (resumable checkpoint, updated every "
         "epoch and every --checkpoint-every steps; the one before is kept as train.prev.pt), "
         "best.pt (weights of the epoch with the best test accuracy), metrics.jsonl (one line "
         "per epoch) and train_config.yaml (the settings). SIGINT/SIGTERM stop it after the "
@@ -229,37 +194,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--shape", help="shape.json, TAS .config file or published TAS shape "
                       "name: train that pruned network")
     p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
-    p.add_argument("--epochs", type=int, required=True, help="training epochs")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     p.add_argument("--teacher", metavar="PATH", help="teacher for KD: a run directory, "
                    "model.safetensors, or a train.pt/best.pt checkpoint")
-    p.add_argument("--kd-alpha", type=float, help="KD weight in [0, 1] (default "
-                   f"{_train_default('kd_alpha')}; needs --teacher)")
-    p.add_argument("--kd-temperature", type=float, help="KD temperature (default "
-                   f"{_train_default('kd_temperature')}; needs --teacher)")
-    p.add_argument("--inherit", action="store_true", help="initialise from the teacher's "
-                   "weights (largest-L1 channels, first blocks) instead of from scratch")
     p.add_argument("--resume", action="store_true", help="continue the run in DIR from its "
                    "train.pt (same settings); refused if there is none")
-    p.add_argument("--seed", type=int, help=f"random seed (default {_train_default('seed')})")
-    p.add_argument("--batch-size", type=int,
-                   help=f"batch size (default {_train_default('batch_size')})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default "
-                   f"{_train_default('lr')}), SGD Nesterov, warm-up then cosine")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up epochs (default: 5, "
-                   "capped at 10%% of the run)")
-    p.add_argument("--weight-decay", type=float,
-                   help=f"weight decay (default {_train_default('weight_decay')})")
-    p.add_argument("--label-smoothing", type=float, help="label smoothing of the "
-                   "cross-entropy (default 0)")
-    p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
-                   help="mixed precision (default auto: bf16/fp16 on CUDA, off on CPU)")
-    p.add_argument("--checkpoint-every", type=int, metavar="N", help="also write train.pt "
-                   "every N optimiser steps (default 0: only at epoch ends)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training steps")
-    _add_log_argument(p)
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    add_config_flags(p, TrainConfig, "training settings (TrainConfig)")
     p.set_defaults(func=cmd_train, writes_run="train")
 
 
@@ -280,25 +220,20 @@ def log_sinks(text: str) -> tuple[str, ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tasprune.export import load_pruned
-    from tasprune.training.trainer import TrainConfig, train
+    from tasprune.export import load_model
+    from tasprune.training.trainer import train
 
-    if args.teacher is None and (args.kd_alpha is not None or args.kd_temperature is not None):
+    if args.teacher is None and (given(args, "kd_alpha") is not None
+                                 or given(args, "kd_temperature") is not None):
         raise UserError("--kd-alpha/--kd-temperature configure distillation, which needs "
                         "--teacher PATH")
     _check_train_out(args.out, args.resume)
-    settings = {"batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                "warmup_epochs": args.warmup_epochs, "weight_decay": args.weight_decay,
-                "label_smoothing": args.label_smoothing, "kd_alpha": args.kd_alpha,
-                "kd_temperature": args.kd_temperature, "device": args.device, "amp": args.amp,
-                "checkpoint_every": args.checkpoint_every, "log": args.log}
-    config = TrainConfig(epochs=args.epochs, inherit=args.inherit, quiet=args.quiet,
-                         compile=args.compile,
-                         **{k: v for k, v in settings.items() if v is not None})
+    config = load_config(TrainConfig, flags=config_values(args))
+    args.quiet = config.quiet
     data = _load_data(args.data, args.quiet)
     shape = load_target_shape(args.model or args.shape, data.num_classes, data.resolution,
                               data.in_channels)
-    teacher = load_pruned(args.teacher) if args.teacher else None
+    teacher = load_model(args.teacher) if args.teacher else None
     if teacher is not None and args.shape is not None:
         _check_teacher_of_shape(teacher.shape, shape, args.teacher, args.shape)
     result = train(shape, data, config, args.out, teacher=teacher, resume=args.resume)
@@ -337,9 +272,6 @@ def _check_teacher_of_shape(teacher: Shape, shape: Shape, teacher_path: str, tar
 
 # search -----------------------------------------------------------------------------
 def _add_search(sub: argparse._SubParsersAction) -> None:
-    from tasprune.tas.searcher import SearchConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
     p = sub.add_parser(
         "search",
         help="search a pruned shape of a model at a FLOP, parameter or latency budget (TAS)",
@@ -359,58 +291,34 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="registered model name (see `tasprune models`)")
     p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
-    _add_budget_arguments(p, "FLOP budget as a fraction of the unpruned model's FLOPs, in "
-                          "(0, 1]; give at least one of the three budgets")
-    p.add_argument("--epochs", type=int, required=True, help="search epochs (paper: 600)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     p.add_argument("--teacher", metavar="PATH", help="start the supernet from this trained "
                    "unpruned model: a run directory, model.safetensors (shape.json beside it) "
                    "or a train.pt/best.pt checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the search in DIR from its "
-                   "search.pt (same settings); refused if there is none")
-    p.add_argument("--seed", type=int, help=f"random seed (default {defaults['seed']})")
-    p.add_argument("--batch-size", type=int, help="batch size of each half (default "
-                   f"{defaults['batch_size']})")
-    p.add_argument("--device", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--checkpoint-every", type=int, metavar="N", help="also write search.pt "
-                   "after every N steps, so a stopped or killed search loses less (default 0: "
-                   "at epoch ends only; may change on --resume)")
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), help="mixed precision "
-                   "of both search steps (default auto: bf16/fp16 on CUDA, off on CPU; the FLOP "
-                   "loss stays in float64)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the teacher's "
-                   "forward (the in-place distillation)")
-    _add_log_argument(p)
+                   "search.pt (same settings but device, amp, compile, log and "
+                   "checkpoint_every); refused if there is none")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    add_config_flags(p, SearchConfig, "search settings (SearchConfig)", required={"epochs"})
     p.set_defaults(func=cmd_search, writes_run="search")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from tasprune.export import load_pruned
-    from tasprune.tas.searcher import SearchConfig, check_budget, search, space_of
+    from tasprune.export import load_model
+    from tasprune.tas.searcher import check_budget, search, space_of
 
     check_out_dir(args.out)
-    if args.flops_ratio is None and args.params_ratio is None and args.latency_ratio is None:
-        raise UserError("give a budget: --flops-ratio, --params-ratio and/or --latency-ratio "
-                        "(e.g. --flops-ratio 0.5 for half the FLOPs)")
     if args.resume:
         check_resume(args.out, "search.pt")
+    config = load_config(SearchConfig, flags=_budget_alone(config_values(args), ""))
     data = _load_data(args.data, args.quiet)
     full = Shape.full(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
                       resolution=data.resolution)
-    settings = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device,
-                "checkpoint_every": args.checkpoint_every, "amp": args.amp, "log": args.log,
-                "channel_multiple": args.channel_multiple,
-                "couple_residual": args.couple_residual}
-    settings = {k: v for k, v in settings.items() if v is not None}
-    if args.flops_ratio is not None:  # first, to name the reachable range
-        check_budget(space_of(SearchConfig(**settings), full), args.flops_ratio)
-    config = SearchConfig(flops_ratio=args.flops_ratio, params_ratio=args.params_ratio,
-                          latency_ratio=args.latency_ratio, epochs=args.epochs,
-                          compile=args.compile, **settings)
+    if config.flops_ratio is not None:  # first, to name the reachable range
+        check_budget(space_of(config, full), config.flops_ratio)
     teacher_state = None
     if args.teacher:
-        teacher = load_pruned(args.teacher)
+        teacher = load_model(args.teacher)
         if teacher.shape != full:
             raise UserError(
                 f"--teacher {args.teacher} is {teacher.shape.describe()} with "
@@ -473,7 +381,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tasprune.evaluation import evaluate_model, latency_lines
-    from tasprune.export import load_pruned
+    from tasprune.export import load_model
     from tasprune.latency import LatencyConfig
     from tasprune.training.trainer import resolve_device
 
@@ -481,7 +389,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     device = resolve_device(args.device)
     data = _load_data(args.data, args.quiet)
-    model = load_pruned(args.path, device=device)
+    model = load_model(args.path, device=device)
     config = LatencyConfig(threads=args.threads, deploy=not args.no_deploy)
     out = {"path": args.path, "data": args.data,
            **evaluate_model(model, data, device, args.batch_size,
@@ -519,10 +427,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tasprune.export import EXPORT_FORMATS, export_model, load_pruned
+    from tasprune.export import EXPORT_FORMATS, export_model, load_model
     from tasprune.rundir import check_export_target, run_kind
 
-    model = load_pruned(args.path)
+    model = load_model(args.path)
     path = Path(args.path)
     if args.format == "hf":
         from tasprune.hub import run_card_inputs, save_pretrained
@@ -633,62 +541,60 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "(dotted keys, e.g. search.epochs=20 train.batch_size=64).",
     )
     _add_run_arguments(p)
-    p.set_defaults(func=cmd_prune, method=None, writes_run="prune")
+    p.set_defaults(func=cmd_prune, writes_run="prune")
 
 
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments `prune` and `baseline` share."""
+# the prune settings with a flag of their own besides the generated --search-... one
+_SHORT_FLAGS = {f"search.{name}": f"--{name.replace('_', '-')}" for name in (
+    "flops_ratio", "params_ratio", "latency_ratio", "channel_multiple", "couple_residual")}
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """The arguments `prune` and `baseline` share: every PruneConfig field as a flag, and
+    the shortcuts."""
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. search.epochs=10 teacher_train.epochs=5")
     p.add_argument("--out", required=True,
                    help="run directory (created, with its parent if only that is missing)")
-    p.add_argument("--model", help="model name (default: the recipe's, else resnet20)")
-    p.add_argument("--data", help=DATA_SPEC_HELP)
-    _add_budget_arguments(p, "target FLOPs as a fraction of the unpruned model's, in (0, 1]")
-    p.add_argument("--teacher", help="trained unpruned model (run dir or model.safetensors); "
-                   "without it a teacher is trained first")
     p.add_argument("--config", help="recipe: a YAML file or a shipped name (see "
                    "`tasprune recipes`)")
     p.add_argument("--no-kd", action="store_true", help="train the pruned shape without "
-                   "knowledge distillation (same as train.kd_alpha=0)")
+                   "knowledge distillation (same as --train-kd-alpha 0)")
     p.add_argument("--seed", type=int, help="seed of every phase")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N for every phase")
-    _add_log_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    add_config_flags(p, PruneConfig, "job settings (PruneConfig)", skip=skip,
+                     aliases=_SHORT_FLAGS)
 
 
-def _log_override(sinks: tuple[str, ...] | None) -> list[str]:
-    return [] if sinks is None else [f"log=[{','.join(sinks)}]"]
+def _budget_alone(values: dict[str, Any], section: str) -> dict[str, Any]:
+    """A parameter or latency budget given alone on the command line drops the FLOP budget
+    of the defaults or the recipe."""
+    node = values.setdefault(section, {}) if section else values
+    if "flops_ratio" not in node and ("params_ratio" in node or "latency_ratio" in node):
+        node["flops_ratio"] = None
+    return values
 
 
-def _prune_overrides(args: argparse.Namespace) -> list[str]:
-    flags = []
-    for key, value in (("model", args.model), ("data", args.data), ("method", args.method),
-                       ("search.flops_ratio", args.flops_ratio),
-                       ("search.params_ratio", args.params_ratio),
-                       ("search.latency_ratio", args.latency_ratio),
-                       ("search.channel_multiple", args.channel_multiple),
-                       ("search.couple_residual", args.couple_residual),
-                       ("teacher", args.teacher)):
-        if value is not None:
-            flags.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
-    if args.flops_ratio is None and (args.params_ratio or args.latency_ratio):
-        flags.append("search.flops_ratio=null")  # another budget alone: no FLOP budget
+def _prune_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's settings of `prune`/`baseline`, as a nested mapping."""
+    values = _budget_alone(config_values(args), "search")
     if args.no_kd:
-        flags.append("train.kd_alpha=0")
+        values.setdefault("train", {})["kd_alpha"] = 0
     for phase in ("teacher_train", "search", "train"):
-        if args.seed is not None:
-            flags.append(f"{phase}.seed={args.seed}")
-        if args.device is not None:
-            flags.append(f"{phase}.device={args.device}")
-    return flags + _log_override(args.log) + list(args.overrides)
+        node = values.setdefault(phase, {})
+        for name in ("seed", "device"):
+            if getattr(args, name) is not None:
+                node.setdefault(name, getattr(args, name))
+    return values
 
 
-def _run_prune(recipe: str | None, overrides: list[str], out: str, quiet: bool) -> int:
+def _run_prune(recipe: str | None, flags: dict[str, Any], overrides: list[str], out: str,
+               quiet: bool) -> int:
     from tasprune.pipeline import load_prune_config, prune
     from tasprune.report import format_summary
 
-    config = load_prune_config(recipe, tuple(overrides))
+    config = load_prune_config(recipe, tuple(overrides), flags=flags)
     summary = prune(config, out, quiet=quiet)
     if env_rank():
         return 0  # under torchrun, rank 0 reports
@@ -699,7 +605,8 @@ def _run_prune(recipe: str | None, overrides: list[str], out: str, quiet: bool) 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
-    return _run_prune(args.config, _prune_overrides(args), args.out, args.quiet)
+    return _run_prune(args.config, _prune_flags(args), list(args.overrides), args.out,
+                      args.quiet)
 
 
 _BASELINE_FILES = _RUN_FILES.replace("search.pt, ", "")
@@ -718,9 +625,9 @@ def _add_baseline(sub: argparse._SubParsersAction) -> None:
         "search.pt; the 'derive' line of metrics.jsonl names the method). Re-running resumes "
         "as `prune` does. Same settings as `prune` (recipe, flags, key=value overrides).",
     )
-    p.add_argument("--method", required=True, choices=BASELINE_METHODS,
+    p.add_argument("--method", required=True, choices=BASELINE_METHODS, dest="config:method",
                    help="how the pruned shape is chosen")
-    _add_run_arguments(p)
+    _add_run_arguments(p, skip=("method",))
     p.set_defaults(func=cmd_prune, writes_run="prune")
 
 
@@ -742,15 +649,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    return _run_prune("demo", _log_override(args.log) + list(args.overrides), args.out,
-                      args.quiet)
+    flags = {} if args.log is None else {"log": list(args.log)}
+    return _run_prune("demo", flags, list(args.overrides), args.out, args.quiet)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report", help="regenerate a run directory's report.md and plots",
-        description="Regenerate DIR/report.md and its PNG plots (widths.png, blocks.png, "
-        "flops.png, accuracy.png, tau.png) from the files of a run directory.")
+        description="Regenerate the report of a run directory DIR from its files: writes "
+        "DIR/report.md and its PNG plots (widths.png, blocks.png, flops.png, accuracy.png, "
+        "tau.png).")
     p.add_argument("run_dir", help="a directory written by prune, search or train")
     p.set_defaults(func=cmd_report)
 

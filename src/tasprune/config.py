@@ -28,6 +28,27 @@ class ConfigError(ValueError):
     """A config key or value that does not fit the config's dataclass."""
 
 
+def setting(default: Any, doc: str, *, factory: Any = None, runtime: bool = False) -> Any:
+    """A config field: its default (or a factory for a section), its one-line doc, and
+    whether it is a runtime setting (where and how a run goes, not what it computes on
+    the CPU: it may change when the run is resumed)."""
+    meta = {"doc": doc, "runtime": runtime}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def doc(f: dataclasses.Field[Any]) -> str:
+    """The one-line doc of a config field ("" when it has none)."""
+    return str(f.metadata.get("doc", ""))
+
+
+def runtime_fields(cls: type[Any]) -> frozenset[str]:
+    """The fields of config class `cls` a resumed run may change (device, amp, compile,
+    logging, checkpoint frequency, progress display): none of them changes the result."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass `cls` from a dict; unknown keys and wrong types are errors."""
     data = {} if data is None else data
@@ -42,7 +63,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
             f"unknown config key {where}{unknown[0]}; valid keys"
             f"{' under ' + prefix if prefix else ''}: {', '.join(sorted(fields))}"
         )
-    kwargs = {name: _convert(hints[name], _over_default(fields[name], value, _join(prefix, name)),
+    kwargs = {name: convert(hints[name], _over_default(fields[name], value, _join(prefix, name)),
                              _join(prefix, name))
               for name, value in data.items()}
     try:
@@ -105,8 +126,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def load_config(cls: type[T], path: str | os.PathLike[str] | None = None,
-                overrides: Sequence[str] = (), base: dict[str, Any] | None = None) -> T:
-    """`base` values, then the YAML file at `path`, then dotted overrides -> `cls`."""
+                overrides: Sequence[str] = (), base: dict[str, Any] | None = None,
+                flags: dict[str, Any] | None = None) -> T:
+    """`base` values, then the YAML file at `path`, then the command line's `flags` (a
+    nested mapping, `tasprune.flags.config_values`), then dotted overrides -> `cls`."""
     data = _deep_copy(base or {})
     if path is not None:
         path = Path(path)
@@ -121,7 +144,7 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None,
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys")
         data = _merge(data, loaded)
-    combined = apply_overrides(data, overrides)
+    combined = apply_overrides(_merge(data, flags or {}), overrides)
     try:
         return from_dict(cls, combined)
     except ConfigError as exc:
@@ -139,7 +162,7 @@ def save_config(config: Any, path: str | os.PathLike[str]) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def _convert(hint: Any, value: Any, key: str) -> Any:
+def convert(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -148,7 +171,7 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(arg, value, key)
+                return convert(arg, value, key)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else
@@ -162,14 +185,14 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+            items = [convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            items = [_convert(a, v, f"{key}[{i}]") for i, (a, v) in
+            items = [convert(a, v, f"{key}[{i}]") for i, (a, v) in
                      enumerate(zip(args, value, strict=True))]
         else:
-            items = [_convert(args[0], v, f"{key}[{i}]") if args else v
+            items = [convert(args[0], v, f"{key}[{i}]") if args else v
                      for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if dataclasses.is_dataclass(hint):

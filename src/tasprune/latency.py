@@ -32,6 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from tasprune.config import setting
+
 Forward = Callable[[], object]
 
 
@@ -47,15 +49,18 @@ class LatencyConfig:
     in PyTorch and, when installed, ONNX Runtime (see `tasprune.deploy`).
     """
 
-    batch_sizes: tuple[int, ...] = (1, 64)
-    warmup: int = 3
-    repeats: int = 20
-    min_repeats: int = 3
-    max_seconds: float = 10.0
-    device: str = "cpu"
-    rounds: int = 5
-    threads: int | None = None
-    deploy: bool = True
+    batch_sizes: tuple[int, ...] = setting((1, 64), "batch sizes to time")
+    warmup: int = setting(3, "untimed passes per model, round and batch size")
+    repeats: int = setting(20, "most timed passes per model, round and batch size")
+    min_repeats: int = setting(3, "fewest timed passes per model, round and batch size")
+    max_seconds: float = setting(10.0, "time cap of a batch size's timed passes, all "
+                                 "rounds and models together")
+    device: str = setting("cpu", "device to time on")
+    rounds: int = setting(5, "rounds alternating the models")
+    threads: int | None = setting(None, "intra-op threads while timing (null: torch's "
+                                  "setting)")
+    deploy: bool = setting(True, "also time the deployable form (BatchNorm folded) in "
+                           "PyTorch and ONNX Runtime")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_sizes", tuple(int(b) for b in self.batch_sizes))

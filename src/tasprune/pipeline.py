@@ -93,9 +93,12 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def load_prune_config(recipe: str | None = None, overrides: tuple[str, ...] = ()) -> PruneConfig:
-    """Defaults, then a recipe (path or shipped name), then dotted key=value overrides."""
-    return load_config(PruneConfig, recipe_path(recipe) if recipe else None, overrides)
+def load_prune_config(recipe: str | None = None, overrides: Sequence[str] = (),
+                      flags: dict[str, Any] | None = None) -> PruneConfig:
+    """Defaults, then a recipe (path or shipped name), then the command line's flags (a
+    nested mapping), then dotted key=value overrides."""
+    return load_config(PruneConfig, recipe_path(recipe) if recipe else None, overrides,
+                       flags=flags)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

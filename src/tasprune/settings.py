@@ -1,7 +1,7 @@
 """The settings of the three phases and of the whole job: `SearchConfig`, `TrainConfig`
 and `PruneConfig`.
 
-Every field carries its one-line doc (`doc(field)`), which is also the `--help` of the
+Every field carries its one-line doc (`tasprune.config.doc`), which is also the `--help` of the
 flag the command line generates for it (`tasprune.flags`), so the Python API, the
 recipes, the `key=value` overrides and the flags share one set of names, defaults and
 checks. Each config checks itself when built and names the field that is wrong.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from tasprune.config import to_dict
+from tasprune.config import runtime_fields, setting, to_dict  # noqa: F401 (runtime_fields: re-exported)
 from tasprune.device import AMP_CHOICES, parse_device
 from tasprune.latency import LatencyConfig
 from tasprune.tas.sampling import SCHEDULES
@@ -26,27 +26,6 @@ from tasprune.training.optim import check_sgd_settings
 
 Method = Literal["tas", "uniform", "l1", "random"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
-
-
-def setting(default: Any, doc: str, *, factory: Any = None, runtime: bool = False) -> Any:
-    """A config field: its default (or a factory for a section), its one-line doc, and
-    whether it is a runtime setting (where and how a run goes, not what it computes on
-    the CPU: it may change when the run is resumed)."""
-    meta = {"doc": doc, "runtime": runtime}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def doc(f: dataclasses.Field[Any]) -> str:
-    """The one-line doc of a config field ("" when it has none)."""
-    return str(f.metadata.get("doc", ""))
-
-
-def runtime_fields(cls: type[Any]) -> frozenset[str]:
-    """The fields of config class `cls` a resumed run may change (device, amp, compile,
-    logging, checkpoint frequency, progress display): none of them changes the result."""
-    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
 
 
 @dataclass(frozen=True)
@@ -111,14 +90,17 @@ class SearchConfig:
                             "search, so the first c channels are its best c")
     weight_warmup: float = setting(0.2, "fraction of the steps that train the weights only, "
                                    "before the first architecture step")
-    tau_per: str = setting("step", "anneal tau per step (after the warm-up) or per epoch "
+    tau_per: Literal["step", "epoch"] = setting(
+        "step", "anneal tau per step (after the warm-up) or per epoch "
                            "(the paper): step or epoch")
-    flop_loss: str = setting("anneal", "where the cost loss's direction comes from: argmax "
+    flop_loss: Literal["anneal", "expected", "argmax"] = setting(
+        "anneal", "where the cost loss's direction comes from: argmax "
                              "(the paper), expected, or anneal from expected to argmax")
     arch_lr_steps: int = setting(150, "> 0: scale arch_lr by arch_lr_steps / architecture "
                                  "steps, so a short search moves as far as a long one "
                                  "(0: arch_lr as given)")
-    relaxation: str = setting("expected", "expected (one sampled sub-network per weight step, "
+    relaxation: Literal["expected", "gumbel"] = setting(
+        "expected", "expected (one sampled sub-network per weight step, "
                               "the expected network in the architecture step) or gumbel "
                               "(the paper's)")
     entropy_weight: float = setting(1.0, "weight of the distributions' mean entropy in the "
@@ -127,7 +109,8 @@ class SearchConfig:
                                  "most probable shape's accuracy (0: off)")
     fill: bool = setting(True, "widen the derived shape while a widening fits the budget "
                          "(false: the argmax, as the paper)")
-    amp: str = setting("auto", "mixed precision: auto (bf16 or fp16 on CUDA, off on CPU), "
+    amp: Literal["auto", "off", "bf16", "fp16"] = setting(
+        "auto", "mixed precision: auto (bf16 or fp16 on CUDA, off on CPU), "
                        "off, bf16 or fp16", runtime=True)
     compile: bool = setting(False, "torch.compile the teacher's forward", runtime=True)
     log: tuple[str, ...] = setting((), "trackers besides metrics.jsonl: csv, tensorboard",
@@ -243,7 +226,8 @@ class TrainConfig:
                             "first blocks) instead of from scratch")
     seed: int = setting(0, "seed of the initialisation, batch order and augmentation")
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N", runtime=True)
-    amp: str = setting("auto", "mixed precision: auto (bf16 or fp16 on CUDA, off on CPU), "
+    amp: Literal["auto", "off", "bf16", "fp16"] = setting(
+        "auto", "mixed precision: auto (bf16 or fp16 on CUDA, off on CPU), "
                        "off, bf16 or fp16", runtime=True)
     compile: bool = setting(False, "torch.compile the training steps", runtime=True)
     eval_every: int = setting(1, "evaluate on the test split every N epochs (and after the "
