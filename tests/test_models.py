@@ -52,3 +52,12 @@ def test_dropped_blocks_are_not_built():
     model = build_model(shape)
     assert [len(s) for s in model.stage_modules()] == [1, 2, 3]
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_list_models_orders_names_without_a_depth_too(monkeypatch):
+    from tasprune.models import registry
+
+    monkeypatch.setitem(registry.MODELS, "mobilenet", registry.MODELS["resnet18"])
+    names = list_models()
+    assert names.index("resnet8") < names.index("resnet20") < names.index("resnet110")
+    assert names.index("mobilenet") < names.index("resnet18")  # same family, no depth

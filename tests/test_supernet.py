@@ -196,7 +196,7 @@ def _pool_channels(x: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _naive_slot(conv, x: torch.Tensor, choice: Choice, training: bool) -> torch.Tensor:
-    """DESIGN.md literally: conv at c_max, each candidate's own BN on its first c_j
+    """The literal relaxation: conv at c_max, each candidate's own BN on its first c_j
     channels, adaptive average pooling along channels to c_max, weighted sum."""
     if conv.pool:
         x = F.avg_pool2d(x, 2, 2, ceil_mode=True)

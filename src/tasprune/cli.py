@@ -380,10 +380,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from tasprune.device import resolve_device
     from tasprune.evaluation import evaluate_model, latency_lines
     from tasprune.export import load_model
     from tasprune.latency import LatencyConfig
-    from tasprune.training.trainer import resolve_device
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")

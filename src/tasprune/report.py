@@ -1,7 +1,8 @@
 """The run report: `report.md` and PNG plots made from a run directory's files.
 
 Reads what the phases wrote (`shape.json`, `metrics.jsonl`, `summary.json`,
-`teacher/metrics.jsonl`) and draws, headless (matplotlib Agg):
+`teacher/metrics.jsonl`) and draws, headless (matplotlib figures drawn by Agg, no pyplot: the
+process's matplotlib backend is left alone):
 
 * widths.png   - searched width of every conv against the full width;
 * blocks.png   - blocks kept per stage against the full depth;
@@ -18,15 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from tasprune._io import atomic_write_text, read_json, read_jsonl  # noqa: E402
-from tasprune.flops import count_flops, count_params  # noqa: E402
-from tasprune.shape import Shape  # noqa: E402
+from tasprune._io import atomic_write_text, read_json, read_jsonl
+from tasprune.flops import count_flops, count_params
+from tasprune.shape import Shape
 
 REPORT_FILE = "report.md"
 
@@ -42,13 +37,22 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _figure(figsize: tuple[float, float], **grid: Any) -> tuple[Any, Any]:
+    """A figure of its own (no pyplot state) and its axes; matplotlib loads only here."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(**grid)
+
+
+def _save(fig: Any, path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     for ax in fig.axes:
         if "epoch" in ax.get_xlabel():
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=110)  # a figure without pyplot draws with Agg for PNG
 
 
 def plot_widths(shape: Shape, path: Path) -> None:
@@ -62,7 +66,7 @@ def plot_widths(shape: Shape, path: Path) -> None:
                 kept[conv.slot] = blk.index < shape.blocks[s]
                 labels.append(f"{s + 1}.{blk.index}.{j + 1}")
     x = list(range(len(full)))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(full) + 2), 3.8))
+    fig, ax = _figure((max(6.0, 0.18 * len(full) + 2), 3.8))
     ax.bar(x, full, color="#d0d7e2", label="full network", width=0.85)
     ax.bar([i for i in x if kept[i]], [shape.widths[i] for i in x if kept[i]],
            color="#2b6cb0", label="searched (kept)", width=0.85)
@@ -82,7 +86,7 @@ def plot_widths(shape: Shape, path: Path) -> None:
 
 def plot_blocks(shape: Shape, path: Path) -> None:
     stages = [f"stage {s + 1}" for s in range(len(shape.depths))]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = _figure((4.5, 3.2))
     ax.bar(stages, shape.depths, color="#d0d7e2", label="full network")
     ax.bar(stages, shape.blocks, color="#2b6cb0", width=0.5, label="kept")
     for i, (b, d) in enumerate(zip(shape.blocks, shape.depths, strict=True)):
@@ -95,7 +99,7 @@ def plot_blocks(shape: Shape, path: Path) -> None:
 
 
 def plot_flops(search: list[dict[str, Any]], derive: dict[str, Any] | None, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = _figure((6, 3.6))
     for key, label, style in (("expected_ratio", "expected FLOPs", "--"),
                               ("flops_ratio", "argmax shape FLOPs", "-")):
         xs, ys = _series(search, key)
@@ -114,7 +118,7 @@ def plot_flops(search: list[dict[str, Any]], derive: dict[str, Any] | None, path
 
 def plot_accuracy(search: list[dict[str, Any]], train: list[dict[str, Any]],
                   teacher_acc: float | None, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig, axes = _figure((10, 3.6), ncols=2, sharey=True)
     for key, label in (("train_acc", "sampled shapes, train half"),
                        ("valid_acc", "architecture step, valid half"),
                        ("subnet_acc", "argmax shape, held-out (recalibrated)"),
@@ -140,7 +144,7 @@ def plot_accuracy(search: list[dict[str, Any]], train: list[dict[str, Any]],
 
 
 def plot_tau(search: list[dict[str, Any]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = _figure((6, 3.6))
     xs, tau = _series(search, "tau")
     ax.plot(xs, tau, color="#c05621", marker="o", markersize=3, label="tau")
     ax.set_xlabel("search epoch")

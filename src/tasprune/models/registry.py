@@ -28,5 +28,10 @@ def create_model(
 
 
 def list_models() -> list[str]:
-    """Registered model names (small-image ResNets first, then ImageNet ones)."""
-    return sorted(MODELS, key=lambda m: (MODELS[m][0], int(m.removeprefix("resnet"))))
+    """Registered model names by family (small-image ResNets first, then ImageNet ones),
+    then by depth: resnet8 before resnet20 before resnet110."""
+    def key(name: str) -> tuple[str, int, str]:
+        digits = "".join(c for c in name if c.isdigit())
+        return MODELS[name][0], int(digits or 0), name
+
+    return sorted(MODELS, key=key)
