@@ -25,6 +25,28 @@ def readme_commands() -> list[str]:
     return commands
 
 
+def readme_python() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_python_names_what_tasprune_exports():
+    import ast
+
+    import tasprune
+
+    blocks = readme_python()
+    assert len(blocks) >= 5
+    used = set()
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "tasprune"):
+                used.add(node.attr)
+    assert {"prune", "search", "train", "load_model", "SearchConfig"} <= used
+    missing = sorted(name for name in used if not hasattr(tasprune, name))
+    assert not missing, missing
+
+
 def test_the_readme_has_commands():
     names = {c.split()[1] for c in readme_commands()}
     assert {"prune", "search", "train", "eval", "export", "demo"} <= names
@@ -95,3 +117,17 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
     assert ran >= 11
     assert (tmp_path / "runs" / "student" / "model.onnx").is_file()
     assert (tmp_path / "runs" / "demo" / "logs" / "train.csv").is_file()
+
+    # the Python examples, as written, in order, on the runs the commands made; only
+    # the epochs of a whole `prune` job are cut to TINY's
+    import tasprune
+
+    def tiny_recipe(recipe=None, overrides=(), flags=None):
+        return load_prune_config(recipe, [*overrides, *TINY], flags)
+
+    monkeypatch.setattr(tasprune, "load_data", data)
+    monkeypatch.setattr(tasprune, "load_prune_config", tiny_recipe)
+    for block in readme_python():
+        exec(compile(block, "README.md", "exec"), {})  # noqa: S102
+    assert (tmp_path / "runs" / "search-py" / "shape.json").is_file()
+    assert (tmp_path / "runs" / "demo-py" / "summary.json").is_file()
