@@ -9,21 +9,41 @@ from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.config import ConfigError
 from tasprune.pipeline import RECIPES_DIR, load_prune_config, recipe_names
+from tasprune.shape import Shape
 
 TINY = ["teacher_train.epochs=1", "search.epochs=2", "train.epochs=1",
         "teacher_train.batch_size=256", "search.batch_size=256", "train.batch_size=256",
         "latency.repeats=3", "latency.min_repeats=1", "search.flops_ratio=0.5"]
 
 
-def test_every_recipe_parses():
+def test_every_paper_recipe_budgets_the_flops_of_the_published_shape():
+    """A paper recipe's FLOP ratio is that of the shape the authors published for its
+    setting (named in its comment), on the model and class count of that
+    shape; every shipped recipe loads."""
+    import re
+
+    from tasprune import paper_shape
+
     names = recipe_names()
     assert {"demo", "cifar10-resnet56", "cifar100-resnet110", "imagenet-resnet50",
             "fashion-mnist-resnet20"} <= set(names)
+    checked = 0
     for name in names:
         config = load_prune_config(name)
-        assert 0 < config.search.flops_ratio <= 1
-        assert config.train.epochs >= 1 and config.search.epochs >= 1
-        assert (RECIPES_DIR / f"{name}.yaml").read_text().startswith("#")
+        published = re.search(r"published (?:for this setting \(([\w-]+)\)|([\w-]+) shape)",
+                              (RECIPES_DIR / f"{name}.yaml").read_text())
+        if published is None:
+            continue
+        shape = paper_shape(published.group(1) or published.group(2))
+        full = shape.replace(widths=shape.full_widths, blocks=shape.depths)
+        assert config.search.flops_ratio == pytest.approx(
+            count_flops(shape) / count_flops(full), abs=5e-4), name
+        model = Shape.full(config.model, num_classes=shape.num_classes,
+                           resolution=shape.resolution)
+        assert model == full, name  # the published shape's network, at its class count
+        assert config.search.relaxation == "gumbel" and config.search.kd_alpha == 0, name
+        checked += 1
+    assert checked == 12
 
 
 def test_recipe_errors_name_the_key(tmp_path):
