@@ -21,7 +21,7 @@ from tasprune._io import read_jsonl
 from tasprune.tas import searcher
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
-from tasprune.training.checkpoint import load_checkpoint
+from tasprune.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dist_train_worker import data as worker_data
 from tasprune import Shape, build_model, load_pruned
 from tasprune._io import read_jsonl
-from tasprune.training.checkpoint import CheckpointError, load_checkpoint
+from tasprune.checkpoint import CheckpointError, load_checkpoint
 from tasprune.training.loop import LoopOptions, evaluate
 from tasprune.training.optim import make_sgd
 from tasprune.training.trainer import TrainConfig, epoch_generator, train

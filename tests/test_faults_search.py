@@ -27,7 +27,7 @@ from tasprune.tas import searcher
 from tasprune.tas.searcher import SearchConfig, search
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
-from tasprune.training.checkpoint import (
+from tasprune.checkpoint import (
     CheckpointError,
     first_non_finite,
     load_checkpoint,

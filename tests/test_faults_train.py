@@ -22,7 +22,7 @@ from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.faults import Interrupted, NonFiniteLoss
 from tasprune.training import loop as loop_module
-from tasprune.training.checkpoint import CheckpointError, load_checkpoint, previous_path
+from tasprune.checkpoint import CheckpointError, load_checkpoint, previous_path
 from tasprune.training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

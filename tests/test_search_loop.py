@@ -12,7 +12,7 @@ from tasprune.tas.cost import flop_loss, supernet_expected_flops, supernet_flop_
 from tasprune.tas.searcher import SearchConfig, check_budget, search
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
-from tasprune.training.checkpoint import load_checkpoint
+from tasprune.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ import torch
 
 from tasprune._io import append_jsonl, read_jsonl
 from tasprune.data.source import BatchTransform, TensorImages, num_batches, per_class_split
-from tasprune.training.checkpoint import (
+from tasprune.checkpoint import (
     CheckpointError,
     load_checkpoint,
     rng_state,

@@ -5,7 +5,7 @@ from synthetic import synthetic_bundle
 from tasprune import Shape, load_pruned
 from tasprune._io import append_jsonl, read_jsonl
 from tasprune.training import trainer as trainer_module
-from tasprune.training.checkpoint import CheckpointError, load_checkpoint
+from tasprune.checkpoint import CheckpointError, load_checkpoint
 from tasprune.training.trainer import TrainConfig, train
 
 _VOLATILE = {"images_per_s", "time_s"}  # wall-clock fields differ between runs

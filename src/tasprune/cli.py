@@ -91,7 +91,7 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
 
 def _has_checkpoint(path: Path) -> bool:
     """The checkpoint, or the previous one it keeps (resuming falls back to that one)."""
-    from tasprune.training.checkpoint import previous_path
+    from tasprune.checkpoint import previous_path
 
     return path.is_file() or previous_path(path).is_file()
 

@@ -25,7 +25,7 @@ from tasprune._io import atomic_write
 from tasprune.deploy import fold_batchnorm
 from tasprune.models import ResNet, build_model
 from tasprune.shape import Shape
-from tasprune.training.checkpoint import CheckpointError, load_checkpoint, load_state_checked
+from tasprune.checkpoint import CheckpointError, load_checkpoint, load_state_checked
 
 WEIGHTS_FILE = "model.safetensors"
 SHAPE_FILE = "shape.json"

@@ -60,7 +60,7 @@ from tasprune.tas.searcher import (
     space_of,
 )
 from tasprune.tracking import log_record
-from tasprune.training.checkpoint import previous_path
+from tasprune.checkpoint import previous_path
 from tasprune.training.trainer import train
 
 RECIPES_DIR = Path(__file__).parent / "configs"

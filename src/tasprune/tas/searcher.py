@@ -118,7 +118,7 @@ from tasprune.tas.sampling import entropy, mean_entropy, tau_at
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import Arch, SuperNet
 from tasprune.tracking import log_record
-from tasprune.training.checkpoint import (
+from tasprune.checkpoint import (
     CheckpointError,
     load_latest,
     previous_path,

@@ -35,7 +35,7 @@ from torch import nn
 from tasprune.models import ResNet, build_model
 from tasprune.models.blocks import Projection
 from tasprune.shape import Shape
-from tasprune.training.checkpoint import load_state_checked
+from tasprune.checkpoint import load_state_checked
 
 _TensorKey = tuple[int, int, int] | str  # "stem" or (stage, block, conv index)
 

@@ -76,7 +76,7 @@ from tasprune.models import ResNet, build_model
 from tasprune.settings import TrainConfig
 from tasprune.shape import Shape
 from tasprune.tracking import log_record
-from tasprune.training.checkpoint import (
+from tasprune.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_latest,
