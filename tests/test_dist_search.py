@@ -18,10 +18,10 @@ import torch
 
 from tasprune import Shape, count_flops
 from tasprune._io import read_jsonl
+from tasprune.checkpoint import load_checkpoint
 from tasprune.tas import searcher
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
-from tasprune.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(),

@@ -20,13 +20,6 @@ import torch
 from synthetic import brightness_bundle
 from tasprune import Shape
 from tasprune._io import read_jsonl
-from tasprune.cli import main
-from tasprune.data.source import DataBundle
-from tasprune.faults import Interrupted, NonFiniteLoss
-from tasprune.tas import searcher
-from tasprune.tas.searcher import SearchConfig, search
-from tasprune.tas.space import SearchSpace
-from tasprune.tas.supernet import SuperNet
 from tasprune.checkpoint import (
     CheckpointError,
     first_non_finite,
@@ -34,6 +27,13 @@ from tasprune.checkpoint import (
     previous_path,
     save_checkpoint,
 )
+from tasprune.cli import main
+from tasprune.data.source import DataBundle
+from tasprune.faults import Interrupted, NonFiniteLoss
+from tasprune.tas import searcher
+from tasprune.tas.searcher import SearchConfig, search
+from tasprune.tas.space import SearchSpace
+from tasprune.tas.supernet import SuperNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from tasprune._io import append_jsonl, read_jsonl
-from tasprune.data.source import BatchTransform, TensorImages, num_batches, per_class_split
 from tasprune.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -12,6 +11,7 @@ from tasprune.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from tasprune.data.source import BatchTransform, TensorImages, num_batches, per_class_split
 
 
 def _images(n=10, c=1, h=6, w=6):

@@ -39,6 +39,7 @@ import yaml
 
 from tasprune._io import atomic_write_text, read_json, read_jsonl
 from tasprune.baselines import check_method_ratio, l1_shape, random_shape, uniform_shape
+from tasprune.checkpoint import previous_path
 from tasprune.config import ConfigError, load_config, save_config, to_dict, yaml_problem
 from tasprune.data import load_data, same_data
 from tasprune.data.source import DataBundle
@@ -60,7 +61,6 @@ from tasprune.tas.searcher import (
     space_of,
 )
 from tasprune.tracking import log_record
-from tasprune.checkpoint import previous_path
 from tasprune.training.trainer import train
 
 RECIPES_DIR = Path(__file__).parent / "configs"

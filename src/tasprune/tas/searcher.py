@@ -83,6 +83,14 @@ from torch import nn
 from tqdm import tqdm
 
 from tasprune._io import drop_records, read_jsonl
+from tasprune.checkpoint import (
+    CheckpointError,
+    load_latest,
+    previous_path,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from tasprune.config import from_dict, to_dict
 from tasprune.data.source import DataBundle, per_class_split
 from tasprune.device import check_fits_data, resolve_amp, resolve_device
@@ -118,14 +126,6 @@ from tasprune.tas.sampling import entropy, mean_entropy, tau_at
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import Arch, SuperNet
 from tasprune.tracking import log_record
-from tasprune.checkpoint import (
-    CheckpointError,
-    load_latest,
-    previous_path,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from tasprune.training.distill import DistillConfig, distill_loss, teacher_logits
 from tasprune.training.inherit import reorder_channels, taylor_importance
 from tasprune.training.loop import autocast_for
