@@ -215,6 +215,7 @@ def test_both_checkpoints_damaged_is_a_clear_error_and_deletes_nothing(tmp_path,
 def test_a_checkpoint_of_the_earlier_search_is_refused_with_advice(tmp_path, monkeypatch):
     _stopped_run(tmp_path, monkeypatch)
     state = load_checkpoint(tmp_path / "search.pt")
+    del state["kind"]
     state["format"] = "tasprune.search"  # as written before the default search changed
     save_checkpoint(tmp_path / "search.pt", state)
     before = (tmp_path / "search.pt").read_bytes()

@@ -16,12 +16,12 @@ from torch import nn
 
 from tasprune.data.source import DataBundle
 from tasprune.deploy import OnnxRuntimeTarget, fold_batchnorm, onnxruntime_missing
+from tasprune.device import check_fits_data
 from tasprune.flops import count_flops, count_params
 from tasprune.latency import LatencyConfig, Target, paired_latency
 from tasprune.models import ResNet, build_model
 from tasprune.shape import Shape
 from tasprune.training.loop import LoopOptions, evaluate
-from tasprune.training.trainer import check_fits_data
 
 # how reports name the timed forms
 LATENCY_LABELS = {"dense": "unpruned", "pruned": "pruned", "model": "this model",
