@@ -3,7 +3,7 @@
 For every model: `search_img_per_s` counts both batches of a search step of the
 default procedure (the weight step on a train batch, distilling from the unpruned
 teacher's forward on it, and the architecture step on a valid batch, as
-`tasprune.tas.searcher.search_step` runs them); `paper_img_per_s` the same for
+`tasprune.tas.step.search_step` runs them); `paper_img_per_s` the same for
 the paper's procedure (Gumbel top-2 with channel-wise interpolation in both steps, no
 teacher); `plain_img_per_s` is plain
 SGD training (forward, cross-entropy, backward, step) of the unpruned ResNet at
@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from tasprune import Shape, build_model, count_flops
-from tasprune.tas.searcher import SearchConfig, search_step
+from tasprune.tas.searcher import SearchConfig
 from tasprune.tas.space import SearchSpace
+from tasprune.tas.step import search_step
 from tasprune.tas.supernet import SuperNet
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tasprune._io import append_jsonl, read_jsonl
-from tasprune.training.checkpoint import (
+from tasprune.checkpoint import (
     CheckpointError,
     NonFiniteError,
     damaged_path,

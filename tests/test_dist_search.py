@@ -18,10 +18,11 @@ import torch
 
 from tasprune import Shape, count_flops
 from tasprune._io import read_jsonl
+from tasprune.checkpoint import load_checkpoint
+from tasprune.phase import stream
 from tasprune.tas import searcher
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
-from tasprune.training.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(),
@@ -166,7 +167,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, demo_subse
 
     single = torch.load(one / "rank0.pt")
     full = Shape.full("resnet8", num_classes=10, in_channels=1, resolution=14)
-    start = SuperNet(SearchSpace.from_shape(full), searcher._generator(0, 0, 6)).state_dict()
+    start = SuperNet(SearchSpace.from_shape(full), stream(0, "search.supernet")).state_dict()
     # Same global batches, same Gumbel draws, no augmentation: what differs is BatchNorm,
     # whose batch statistics come from 8 images per rank instead of 16. That changes the
     # conv gradients a lot (their movement differs by ~50%), so the sharp comparison is

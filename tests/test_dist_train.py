@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from dist_train_worker import data as worker_data
 from tasprune import Shape, build_model, load_pruned
 from tasprune._io import read_jsonl
-from tasprune.training.checkpoint import CheckpointError, load_checkpoint
+from tasprune.checkpoint import CheckpointError, load_checkpoint
+from tasprune.phase import stream
 from tasprune.training.loop import LoopOptions, evaluate
 from tasprune.training.optim import make_sgd
-from tasprune.training.trainer import TrainConfig, epoch_generator, train
+from tasprune.training.trainer import TrainConfig, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -111,7 +112,7 @@ def test_one_ddp_step_equals_one_step_on_the_two_half_batches(tmp_path):
         torch.manual_seed(seed)
         model = build_model(shape)
     optimizer = make_sgd(model, lr=0.1)
-    order = torch.randperm(len(data.train), generator=epoch_generator(seed, 0))
+    order = torch.randperm(len(data.train), generator=stream(seed, "train.epoch"))
     for rank in range(2):
         idx = order[rank::2]
         x = data.transform(data.train.images[idx])
@@ -148,7 +149,7 @@ def test_a_signal_on_one_rank_stops_both_and_the_resume_equals_an_uninterrupted_
     assert not (tmp_path / "run/model.safetensors").exists()
 
     # a mid-epoch checkpoint of 2 processes does not resume on 1
-    with pytest.raises(CheckpointError, match="resume with 2"):
+    with pytest.raises(CheckpointError, match="resume it on 2"):
         train(Shape.full("resnet8", num_classes=3, in_channels=1, resolution=12), worker_data(),
               TrainConfig(epochs=2, batch_size=32, warmup_epochs=0, seed=5, quiet=True,
                           device="cpu"), tmp_path / "run", resume=True)

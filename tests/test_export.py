@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tasprune import Shape, build_model, load_pruned
+from tasprune.checkpoint import CheckpointError, save_checkpoint
 from tasprune.export import export_onnx, export_torchscript, save_pruned
-from tasprune.training.checkpoint import CheckpointError, save_checkpoint
 
 
 def _pruned(seed=0):

@@ -20,6 +20,13 @@ import torch
 from synthetic import brightness_bundle
 from tasprune import Shape
 from tasprune._io import read_jsonl
+from tasprune.checkpoint import (
+    CheckpointError,
+    first_non_finite,
+    load_checkpoint,
+    previous_path,
+    save_checkpoint,
+)
 from tasprune.cli import main
 from tasprune.data.source import DataBundle
 from tasprune.faults import Interrupted, NonFiniteLoss
@@ -27,13 +34,6 @@ from tasprune.tas import searcher
 from tasprune.tas.searcher import SearchConfig, search
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
-from tasprune.training.checkpoint import (
-    CheckpointError,
-    first_non_finite,
-    load_checkpoint,
-    previous_path,
-    save_checkpoint,
-)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,9 +212,18 @@ def test_both_checkpoints_damaged_is_a_clear_error_and_deletes_nothing(tmp_path,
     assert (ckpt.stat().st_size, prev.stat().st_size) == sizes
 
 
+def test_a_checkpoint_tagged_by_format_still_resumes(tmp_path, monkeypatch):
+    _stopped_run(tmp_path, monkeypatch)
+    state = load_checkpoint(tmp_path / "search.pt")
+    state["format"] = state.pop("kind")  # the tag's key before it was "kind"
+    save_checkpoint(tmp_path / "search.pt", state)
+    search(FULL, _data(), _config(checkpoint_every=3), tmp_path, resume=True, quiet=True)
+
+
 def test_a_checkpoint_of_the_earlier_search_is_refused_with_advice(tmp_path, monkeypatch):
     _stopped_run(tmp_path, monkeypatch)
     state = load_checkpoint(tmp_path / "search.pt")
+    del state["kind"]
     state["format"] = "tasprune.search"  # as written before the default search changed
     save_checkpoint(tmp_path / "search.pt", state)
     before = (tmp_path / "search.pt").read_bytes()

@@ -19,10 +19,10 @@ from synthetic import synthetic_bundle
 from tasprune import Shape, load_pruned
 from tasprune import cli as cli_module
 from tasprune._io import read_jsonl
+from tasprune.checkpoint import CheckpointError, load_checkpoint, previous_path
 from tasprune.cli import main
 from tasprune.faults import Interrupted, NonFiniteLoss
 from tasprune.training import loop as loop_module
-from tasprune.training.checkpoint import CheckpointError, load_checkpoint, previous_path
 from tasprune.training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tasprune import create_model
-from tasprune.training.checkpoint import load_checkpoint, save_checkpoint
+from tasprune.checkpoint import load_checkpoint, save_checkpoint
 from tasprune.training.optim import WarmupCosine, make_sgd, param_groups, warmup_cosine_factor
 
 

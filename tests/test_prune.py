@@ -119,7 +119,7 @@ def test_a_run_saved_before_the_paired_latency_settings_still_resumes():
     saved = to_dict(config)
     for key in ("rounds", "threads", "deploy"):
         del saved["latency"][key]  # a config.yaml written by an earlier tasprune
-    assert _differences(_with_added_keys(saved), to_dict(config)) == []
+    assert _differences(_with_added_keys(saved), config) == []
     saved["latency"]["rounds"] = 3
-    assert _differences(_with_added_keys(saved), to_dict(config)) == [
+    assert _differences(_with_added_keys(saved), config) == [
         "latency.rounds: 3 -> 5"]

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from tasprune import Shape, build_model
 from tasprune.tas.cost import flop_loss
 from tasprune.tas.sampling import entropy
-from tasprune.tas.searcher import SearchConfig, SearchLoop, arch_lr, warmup_steps, weight_loss
+from tasprune.tas.searcher import SearchConfig, SearchLoop, arch_lr, warmup_steps
 from tasprune.tas.space import SearchSpace
+from tasprune.tas.step import weight_loss
 from tasprune.tas.supernet import Choice, ChoiceBN, SuperNet, resize_matrix
 from tasprune.training.distill import DistillConfig, distill_loss
 
@@ -158,7 +159,7 @@ def test_the_weight_step_distils_from_the_teacher():
 
 def _loop(config: SearchConfig, steps: int) -> SearchLoop:
     unused = dict.fromkeys(("net", "data", "train_idx", "valid_idx", "w_opt", "a_opt",
-                            "w_sched", "out", "shape_full"))
+                            "w_sched", "run", "shape_full"))
     return SearchLoop(config=config, full_flops=1, steps=steps, **unused)
 
 

@@ -217,7 +217,7 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
 
 def test_nan_weights_are_refused(tmp_path):
     from tasprune import load_pruned
-    from tasprune.training.checkpoint import CheckpointError
+    from tasprune.checkpoint import CheckpointError
 
     model = build_model(Shape.full("resnet8"))
     with torch.no_grad():
@@ -231,7 +231,7 @@ def test_weights_and_shape_json_that_disagree_are_an_error(tmp_path):
     from safetensors.torch import save_file
 
     from tasprune import load_pruned
-    from tasprune.training.checkpoint import CheckpointError
+    from tasprune.checkpoint import CheckpointError
 
     save_pruned(tmp_path, build_model(Shape.full("resnet8")))
     Shape.full("resnet20").save(tmp_path / "shape.json")

@@ -4,9 +4,9 @@ import pytest
 
 from tasprune import Shape, create_model
 from tasprune._io import read_jsonl
+from tasprune.checkpoint import load_checkpoint
 from tasprune.cli import main
 from tasprune.export import save_pruned
-from tasprune.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

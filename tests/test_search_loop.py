@@ -6,13 +6,14 @@ import torch
 from synthetic import brightness_bundle
 from tasprune import Shape, count_flops
 from tasprune._io import read_jsonl
+from tasprune.checkpoint import load_checkpoint
 from tasprune.data.source import DataBundle
 from tasprune.tas import searcher
+from tasprune.tas.budgets import check_budget
 from tasprune.tas.cost import flop_loss, supernet_expected_flops, supernet_flop_loss
-from tasprune.tas.searcher import SearchConfig, check_budget, search
+from tasprune.tas.searcher import SearchConfig, search
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
-from tasprune.training.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

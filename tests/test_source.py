@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from tasprune._io import append_jsonl, read_jsonl
-from tasprune.data.source import BatchTransform, TensorImages, num_batches, per_class_split
-from tasprune.training.checkpoint import (
+from tasprune.checkpoint import (
     CheckpointError,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from tasprune.data.source import BatchTransform, TensorImages, num_batches, per_class_split
 
 
 def _images(n=10, c=1, h=6, w=6):

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 from tasprune import Shape, build_model, count_flops
 from tasprune.tas.cost import supernet_expected_flops
-from tasprune.tas.searcher import _grad_only
 from tasprune.tas.space import SearchSpace
+from tasprune.tas.step import _grad_only
 from tasprune.tas.supernet import Arch, Choice, ChoiceBN, SuperNet, _NormMix
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -60,16 +60,11 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
     return out
 
 
-def _has_checkpoint(path: Path) -> bool:
-    """The checkpoint, or the previous one it keeps (resuming falls back to that one)."""
-    from tasprune.training.checkpoint import previous_path
-
-    return path.is_file() or previous_path(path).is_file()
-
-
 def check_resume(out: str | Path, checkpoint: str) -> None:
     """--resume needs a checkpoint to resume; starting afresh instead would hide a wrong --out."""
-    if not _has_checkpoint(Path(out) / checkpoint):
+    from tasprune.phase import has_checkpoint
+
+    if not has_checkpoint(Path(out) / checkpoint):
         raise UserError(f"{out} has no {checkpoint} to resume; run without --resume to start a "
                         "new run")
 
@@ -249,11 +244,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _check_train_out(out: str, resume: bool) -> None:
+    from tasprune.export import WEIGHTS_FILE
+    from tasprune.phase import TRAIN_CHECKPOINT, has_checkpoint
+
     check_out_dir(out)
     if resume:
-        check_resume(out, "train.pt")
-    elif (Path(out) / "model.safetensors").is_file() and not _has_checkpoint(
-            Path(out) / "train.pt"):
+        check_resume(out, TRAIN_CHECKPOINT)
+    elif (Path(out) / WEIGHTS_FILE).is_file() and not has_checkpoint(
+            Path(out) / TRAIN_CHECKPOINT):
         raise UserError(f"{out} already holds a trained model (model.safetensors) and no "
                         "train.pt to resume; choose another --out")
 
@@ -305,18 +303,20 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from tasprune.export import load_model
-    from tasprune.tas.searcher import check_budget, search, space_of
+    from tasprune.phase import SEARCH_CHECKPOINT
+    from tasprune.tas.budgets import check_budget, space_of
+    from tasprune.tas.searcher import search
 
     check_out_dir(args.out)
     if args.resume:
-        check_resume(args.out, "search.pt")
+        check_resume(args.out, SEARCH_CHECKPOINT)
     config = load_config(SearchConfig, flags=_budget_alone(config_values(args), ""))
     data = _load_data(args.data, args.quiet)
     full = Shape.full(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
                       resolution=data.resolution)
     if config.flops_ratio is not None:  # first, to name the reachable range
         check_budget(space_of(config, full), config.flops_ratio)
-    teacher_state = None
+    teacher = None
     if args.teacher:
         teacher = load_model(args.teacher)
         if teacher.shape != full:
@@ -326,8 +326,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 f"{args.model} for {args.data} ({full.num_classes} classes, {full.in_channels} "
                 f"input channels): train one with `tasprune train --model {args.model}`"
             )
-        teacher_state = teacher.state_dict()
-    result = search(full, data, config, args.out, teacher_state=teacher_state,
+    result = search(full, data, config, args.out, teacher=teacher,
                     resume=args.resume, quiet=args.quiet)
     if env_rank():
         return 0  # under torchrun, rank 0 reports

@@ -71,14 +71,6 @@ class Dist:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
-        """True on every rank when `flag` is true on at least one (e.g. a stop request)."""
-        if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.enabled:
             torch_dist.broadcast(tensor, src=src)

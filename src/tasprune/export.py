@@ -22,10 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tasprune._io import atomic_write
+from tasprune.checkpoint import CheckpointError, load_checkpoint, load_state_checked
 from tasprune.deploy import fold_batchnorm
 from tasprune.models import ResNet, build_model
 from tasprune.shape import Shape
-from tasprune.training.checkpoint import CheckpointError, load_checkpoint, load_state_checked
 
 WEIGHTS_FILE = "model.safetensors"
 SHAPE_FILE = "shape.json"

@@ -45,30 +45,30 @@ from tasprune.data.source import DataBundle
 from tasprune.device import check_fits_data, resolve_device
 from tasprune.dist import init_from_env
 from tasprune.evaluation import evaluate_model, isolated_latency_report
-from tasprune.export import load_pruned
+from tasprune.export import SHAPE_FILE, WEIGHTS_FILE, load_pruned
 from tasprune.flops import count_flops, count_params
 from tasprune.models import ResNet
+from tasprune.phase import (
+    METRICS_FILE,
+    SEARCH_CHECKPOINT,
+    TRAIN_CHECKPOINT,
+    changed_settings,
+    has_checkpoint,
+    runtime_keys,
+)
 from tasprune.report import write_report
 from tasprune.settings import PruneConfig
 from tasprune.shape import Shape
+from tasprune.tas.budgets import build_budgets, check_budget, describe_budgets, space_of
 from tasprune.tas.cost import Budget, normalized_cost
-from tasprune.tas.searcher import (
-    build_budgets,
-    check_budget,
-    describe_budgets,
-    search,
-    space_of,
-)
+from tasprune.tas.searcher import search
 from tasprune.tracking import log_record
-from tasprune.training.checkpoint import previous_path
 from tasprune.training.trainer import train
 
 RECIPES_DIR = Path(__file__).parent / "configs"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 MARKER_FILE = "run.json"  # kind of run and the hash of the config.yaml it wrote
-# settings that may change between a run and its resumption
-_RUNTIME_KEYS = {"quiet", "device", "amp", "compile", "eval_every", "checkpoint_every", "log"}
 # settings added after runs were made without them: a saved config.yaml lacking one ran
 # with this value (the paired latency: rounds; threads as torch had them; deploy timing;
 # the search space of free residual widths)
@@ -101,17 +101,13 @@ def load_prune_config(recipe: str | None = None, overrides: Sequence[str] = (),
                        flags=flags)
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            if key in _RUNTIME_KEYS or (key == "data" and isinstance(old.get(key), str)
-                                        and isinstance(new.get(key), str)
-                                        and same_data(old[key], new[key])):
-                continue
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+def _differences(saved: dict[str, Any], config: PruneConfig) -> list[str]:
+    """The settings of a saved config.yaml that differ from `config`, but runtime ones and
+    a data set named in another way."""
+    now = to_dict(config)
+    if isinstance(saved.get("data"), str) and same_data(saved["data"], config.data):
+        saved = {**saved, "data": now["data"]}
+    return changed_settings(saved, now, runtime_keys(config))
 
 
 def _with_added_keys(saved: dict[str, Any]) -> dict[str, Any]:
@@ -148,11 +144,6 @@ def _log(quiet: bool, message: str) -> None:
         print(f"[tasprune] {message}", file=sys.stderr, flush=True)
 
 
-def _has_checkpoint(path: Path) -> bool:
-    """A checkpoint to resume from: `path`, or the previous one kept beside it."""
-    return path.is_file() or previous_path(path).is_file()
-
-
 def _has_phase(path: Path, phase: str) -> bool:
     return path.is_file() and any(r.get("phase") == phase for r in read_jsonl(path))
 
@@ -187,10 +178,10 @@ def _given_teacher(config: PruneConfig, full: Shape, data: DataBundle) -> ResNet
 def _teacher(config: PruneConfig, full: Shape, data: DataBundle, out: Path,
              quiet: bool) -> ResNet:
     tdir = out / "teacher"
-    if (tdir / "model.safetensors").is_file():
+    if (tdir / WEIGHTS_FILE).is_file():
         _log(quiet, f"teacher: done ({tdir}), skipping")
         return load_pruned(tdir)
-    resume = _has_checkpoint(tdir / "train.pt")
+    resume = has_checkpoint(tdir / TRAIN_CHECKPOINT)
     _log(quiet, f"teacher: {'resuming' if resume else 'training'} the unpruned {config.model} "
          f"for {config.teacher_train.epochs} epochs into {tdir}")
     return train(full, data, config.teacher_train, tdir, resume=resume).model
@@ -222,7 +213,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
             raise ConfigError(f"{saved} was edited after the run wrote it, so it no longer "
                               "describes the run's results; restore it, or choose another "
                               "--out for new settings")
-        diff = _differences(_with_added_keys(_read_saved_config(saved)), to_dict(config))
+        diff = _differences(_with_added_keys(_read_saved_config(saved)), config)
         if diff:
             raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diff[:3])}); "
                               "choose another --out, or delete the directory to start over")
@@ -245,13 +236,13 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     if given is not None:
         _log(quiet, f"teacher: loaded {config.teacher}")
     teacher = given if given is not None else _teacher(config, full, data, out, quiet)
-    metrics = out / "metrics.jsonl"
+    metrics = out / METRICS_FILE
     phase = "search" if config.method == "tas" else "shape"
-    trained = (out / "model.safetensors").is_file() and (out / "train.pt").is_file()
-    if (out / "shape.json").is_file() and (_has_phase(metrics, "derive") or trained):
+    trained = (out / WEIGHTS_FILE).is_file() and (out / TRAIN_CHECKPOINT).is_file()
+    if (out / SHAPE_FILE).is_file() and (_has_phase(metrics, "derive") or trained):
         # a trained model's shape is never derived again (its metrics may be lost)
-        shape = Shape.load(out / "shape.json")
-        _log(quiet, f"{phase}: done ({out / 'shape.json'}), skipping")
+        shape = Shape.load(out / SHAPE_FILE)
+        _log(quiet, f"{phase}: done ({out / SHAPE_FILE}), skipping")
         if not metrics.is_file():
             print(f"[tasprune] warning: {metrics} is missing; the report will lack the "
                   "search and training curves", file=sys.stderr)
@@ -263,14 +254,14 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         if dist.is_main:
             _write_shape(config, full, shape, out, budgets)
     else:
-        resume = _has_checkpoint(out / "search.pt")
-        teacher_state = teacher.state_dict() if _is_unpruned(teacher, full) else None
-        if teacher_state is None:
+        resume = has_checkpoint(out / SEARCH_CHECKPOINT)
+        unpruned = teacher if _is_unpruned(teacher, full) else None
+        if unpruned is None:
             _log(quiet, "search: the teacher is not the unpruned model; the supernet starts "
                  "from scratch")
         _log(quiet, f"search: {'resuming' if resume else 'searching'} at "
              f"{describe_budgets(config.search)} for {config.search.epochs} epochs")
-        found = search(full, data, config.search, out, teacher_state=teacher_state,
+        found = search(full, data, config.search, out, teacher=unpruned,
                        resume=resume, quiet=quiet)
         shape = found.shape
         if found.adjusted and found.argmax_flops is not None:
@@ -279,11 +270,11 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
                  "outside the band; moved to the closest in-band shape "
                  f"({found.flops / found.full_flops:.3f})")
 
-    if (out / "model.safetensors").is_file() and (out / "train.pt").is_file():
-        _log(quiet, f"train: done ({out / 'model.safetensors'}), skipping")
+    if trained:
+        _log(quiet, f"train: done ({out / WEIGHTS_FILE}), skipping")
         model = load_pruned(out)
     else:
-        resume = _has_checkpoint(out / "train.pt")
+        resume = has_checkpoint(out / TRAIN_CHECKPOINT)
         how = "with KD" if config.train.kd_alpha > 0 else "without KD (train.kd_alpha=0)"
         _log(quiet, f"train: {'resuming' if resume else 'training'} the {config.method} shape "
              f"{how} for {config.train.epochs} epochs")
@@ -338,9 +329,9 @@ def baseline_shape(config: PruneConfig, full: Shape, teacher: ResNet,
 def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path,
                  budgets: Sequence[Budget]) -> None:
     """shape.json and the "derive" line of a baseline, as the search writes them."""
-    shape.save(out / "shape.json")
+    shape.save(out / SHAPE_FILE)
     flops, full_flops = count_flops(shape), count_flops(full)
-    log_record(out / "metrics.jsonl", {
+    log_record(out / METRICS_FILE, {
         "phase": "derive", "method": config.method, "epoch": 0, "flops": flops,
         "params": count_params(shape), "full_flops": full_flops,
         "full_params": count_params(full),

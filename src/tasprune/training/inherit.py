@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasprune.checkpoint import load_state_checked
 from tasprune.models import ResNet, build_model
 from tasprune.models.blocks import Projection
 from tasprune.shape import Shape
-from tasprune.training.checkpoint import load_state_checked
 
 _TensorKey = tuple[int, int, int] | str  # "stem" or (stage, block, conv index)
 

@@ -26,19 +26,18 @@ sums are restored.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from tasprune.data.source import BatchTransform, ImageSource, num_batches
 from tasprune.dist import Dist
-from tasprune.faults import Interrupted, NonFiniteLoss, StopRequest
+from tasprune.faults import Interrupted, StopRequest
+from tasprune.phase import check_step, gather
 from tasprune.progress import progress
 from tasprune.training.distill import DistillConfig, distill_loss, teacher_logits
 
@@ -198,34 +197,6 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return hits[:, 0].float().mean(), hits.any(dim=1).float().mean()
 
 
-def _agree(loss: torch.Tensor, stop: StopRequest | None, dist: Dist, device: torch.device
-           ) -> tuple[float | None, int]:
-    """(the non-finite loss value or None, the stop signal or 0), agreed by all ranks in one
-    MAX all-reduce of two numbers (no collective in a single process)."""
-    value = float(loss.detach())
-    bad = 0 if math.isfinite(value) else (2 if math.isnan(value) else 1)
-    signum = (stop.signum or 0) if stop is not None else 0
-    if dist.enabled:
-        flags = torch.tensor([float(bad), float(signum)], device=device)
-        torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
-        bad, signum = int(flags[0]), int(flags[1])
-    if bad == 0:
-        return None, signum
-    return (value if not math.isfinite(value) else (math.nan if bad == 2 else math.inf)), signum
-
-
-def _gather_states(generator: torch.Generator, dist: Dist, device: torch.device
-                   ) -> list[torch.Tensor]:
-    """Every rank's generator state, in rank order (all ranks get the list)."""
-    state = generator.get_state()
-    if not dist.enabled:
-        return [state]
-    local = state.to(device)
-    parts = [torch.empty_like(local) for _ in range(dist.world_size)]
-    torch_dist.all_gather(parts, local)
-    return [p.cpu() for p in parts]
-
-
 def train_one_epoch(
     model: nn.Module,
     source: ImageSource,
@@ -261,14 +232,9 @@ def train_one_epoch(
     augment = control.augment if control.augment is not None else generator
     model.train()
     meter = _Meter()
-    if resume is not None:
-        if len(resume.generators) != dist.world_size:
-            raise ValueError(f"the mid-epoch checkpoint was written by {len(resume.generators)} "
-                             f"processes, this run has {dist.world_size}; resume with "
-                             f"{len(resume.generators)} processes")
-        if dist.is_main:  # the saved sums are over all ranks: count them once
-            meter.sums = {k: v.to(options.device) for k, v in resume.sums.items()}
-            meter.count = resume.count
+    if resume is not None and dist.is_main:  # the saved sums are over all ranks: count once
+        meter.sums = {k: v.to(options.device) for k, v in resume.sums.items()}
+        meter.count = resume.count
     resumed_count = meter.count
     start = time.perf_counter()
     bar = progress(batches, total=total - first, desc=options.desc or "train",
@@ -282,9 +248,7 @@ def train_one_epoch(
             t_logits = teacher_logits(teacher, x) if teacher is not None else None
             logits = model(x)
         parts = distill_loss(logits, y, t_logits, loss_config)
-        bad, signum = _agree(parts.total, control.stop, dist, options.device)
-        if bad is not None:
-            raise NonFiniteLoss("train", control.epoch, step + 1, bad)
+        signum = check_step(parts.total, dist, "train", (control.epoch, step + 1), control.stop)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(parts.total).backward()
@@ -305,7 +269,7 @@ def train_one_epoch(
             assert control.save is not None  # checked by EpochControl
             sums, count = meter.reduced(dist)
             path = control.save(EpochProgress(
-                step=done, generators=_gather_states(augment, dist, options.device),
+                step=done, generators=gather(augment.get_state().to(options.device), dist),
                 sums={k: v.detach().cpu().clone() for k, v in sums.items()}, count=count))
             if signum:
                 raise Interrupted("train", signum, path,
