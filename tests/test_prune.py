@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tasprune import count_flops, load_pruned
 from tasprune._io import read_jsonl
@@ -123,3 +124,20 @@ def test_a_run_saved_before_the_paired_latency_settings_still_resumes():
     saved["latency"]["rounds"] = 3
     assert _differences(_with_added_keys(saved), config) == [
         "latency.rounds: 3 -> 5"]
+
+
+@pytest.mark.slow
+def test_prune_in_python_takes_a_teacher_as_a_model_and_keeps_it(tmp_path):
+    from tasprune import create_model, load_model, prune
+
+    config = load_prune_config(None, ("model=resnet8", "method=uniform", *TINY))
+    teacher = create_model("resnet8", num_classes=10, in_channels=1, resolution=28)
+    out = tmp_path / "run"
+    summary = prune(config, out, quiet=True, teacher=teacher.state_dict())
+    kept = load_model(out / "teacher")
+    assert all(torch.equal(kept.state_dict()[k], v) for k, v in teacher.state_dict().items())
+    assert not (out / "teacher" / "train.pt").exists()  # given, not trained
+    assert prune(config, out, quiet=True) == summary  # a rerun finds the kept teacher
+    other = create_model("resnet8", num_classes=10, in_channels=1, resolution=28)
+    with pytest.raises(ValueError, match="holds another teacher"):
+        prune(config, out, quiet=True, teacher=other)

@@ -2,7 +2,7 @@
 the convs, see `tasprune.deploy`), TorchScript, a `torch.export` program (.pt2).
 
 The deliverable of a run is `model.safetensors` (the weights, with the shape
-also stored in its metadata) next to `shape.json`. `load_pruned` rebuilds the
+also stored in its metadata) next to `shape.json`. `load_model` rebuilds the
 network from the shape and loads the weights in one call, without unpickling
 anything. Training checkpoints (`train.pt`, `best.pt`) load too, with
 `torch.load(weights_only=True)`.

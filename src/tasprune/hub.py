@@ -22,7 +22,7 @@ import yaml
 
 from tasprune import __version__
 from tasprune._io import atomic_write_text, read_json
-from tasprune.export import SHAPE_FILE, WEIGHTS_FILE, load_pruned, save_pruned
+from tasprune.export import SHAPE_FILE, WEIGHTS_FILE, load_model, save_pruned
 from tasprune.flops import count_flops, count_params
 from tasprune.models import ResNet
 
@@ -78,14 +78,14 @@ def from_pretrained(name_or_path: str | os.PathLike[str], *, revision: str | Non
     id (downloaded with huggingface_hub into its cache)."""
     path = Path(name_or_path)
     if path.is_dir():
-        return load_pruned(path, device=device)
+        return load_model(path, device=device)
     local = path.exists() or path.parent.is_dir() and str(path.parent) != "."
     if local or str(name_or_path).count("/") != 1:  # runs/x with runs/ here: a local path
         raise FileNotFoundError(f"{name_or_path}: not a directory saved by save_pretrained, "
                                 "nor a Hub repository id of the form 'user/name'")
     local = _hub().snapshot_download(repo_id=str(name_or_path), revision=revision,
                                      cache_dir=cache_dir, allow_patterns=list(FILES))
-    return load_pruned(local, device=device)
+    return load_model(local, device=device)
 
 
 def model_card(model: ResNet, summary: Mapping[str, Any] | None = None,

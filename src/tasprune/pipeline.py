@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from tasprune._io import atomic_write_text, read_json, read_jsonl
@@ -45,7 +46,7 @@ from tasprune.data.source import DataBundle
 from tasprune.device import check_fits_data, resolve_device
 from tasprune.dist import init_from_env
 from tasprune.evaluation import evaluate_model, isolated_latency_report
-from tasprune.export import SHAPE_FILE, WEIGHTS_FILE, load_pruned
+from tasprune.export import SHAPE_FILE, WEIGHTS_FILE, Teacher, as_teacher, load_model, save_pruned
 from tasprune.flops import count_flops, count_params
 from tasprune.models import ResNet
 from tasprune.phase import (
@@ -162,17 +163,34 @@ def check_reachable(config: PruneConfig, full: Shape, quiet: bool = True) -> Non
         build_budgets(search, space_of(search, full), quiet)
 
 
-def _given_teacher(config: PruneConfig, full: Shape, data: DataBundle) -> ResNet | None:
-    """The user's --teacher, loaded and checked against the data and the method; else None."""
-    if config.teacher is None:
+def _given_teacher(config: PruneConfig, full: Shape, data: DataBundle,
+                   teacher: Teacher | None) -> ResNet | None:
+    """The user's teacher (a model or state dict given in Python, else the path
+    `config.teacher`), loaded and checked against the data and the method; else None."""
+    if teacher is None and config.teacher is None:
         return None
-    teacher = load_pruned(config.teacher)
-    check_fits_data(teacher.shape, data, f"teacher {config.teacher}")
-    if config.method == "l1" and not _is_unpruned(teacher, full):
+    what = "teacher" if teacher is not None else f"teacher {config.teacher}"
+    model = as_teacher(teacher if teacher is not None else config.teacher, full)
+    check_fits_data(model.shape, data, what)
+    if config.method == "l1" and not _is_unpruned(model, full):
         raise ValueError(f"method l1 ranks the filters of the unpruned {config.model}, but "
-                         f"the teacher {config.teacher} is {teacher.shape.describe()}; give a "
-                         f"trained unpruned {config.model} as teacher, or none to train one")
-    return teacher
+                         f"the {what} is {model.shape.describe()}; give a trained unpruned "
+                         f"{config.model} as teacher, or none to train one")
+    return model
+
+
+def _keep_teacher(teacher: ResNet, tdir: Path) -> None:
+    """A teacher given in Python is saved where prune keeps its teacher, so that the run
+    directory holds what it was made from and a rerun finds it."""
+    if (tdir / WEIGHTS_FILE).is_file():
+        kept = load_model(tdir).state_dict()
+        same = kept.keys() == teacher.state_dict().keys() and all(
+            torch.equal(kept[k], v.cpu()) for k, v in teacher.state_dict().items())
+        if not same:
+            raise ValueError(f"{tdir} holds another teacher than the one given; choose another "
+                             "output directory, or give no teacher to use the one there")
+        return
+    save_pruned(tdir, teacher)
 
 
 def _teacher(config: PruneConfig, full: Shape, data: DataBundle, out: Path,
@@ -180,17 +198,23 @@ def _teacher(config: PruneConfig, full: Shape, data: DataBundle, out: Path,
     tdir = out / "teacher"
     if (tdir / WEIGHTS_FILE).is_file():
         _log(quiet, f"teacher: done ({tdir}), skipping")
-        return load_pruned(tdir)
+        return load_model(tdir)
     resume = has_checkpoint(tdir / TRAIN_CHECKPOINT)
     _log(quiet, f"teacher: {'resuming' if resume else 'training'} the unpruned {config.model} "
          f"for {config.teacher_train.epochs} epochs into {tdir}")
     return train(full, data, config.teacher_train, tdir, resume=resume).model
 
 
-def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = False
-          ) -> dict[str, Any]:
-    """Run every phase into `out_dir` (see module doc); returns the summary dict."""
+def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = False,
+          teacher: Teacher | None = None) -> dict[str, Any]:
+    """Run every phase into `out_dir` (see module doc); returns the summary dict.
+
+    `teacher`: the trained unpruned model as a model, a state dict or the path of a saved
+    one, instead of `config.teacher` (a path becomes `config.teacher`; a model or state
+    dict is saved as `out_dir/teacher/model.safetensors`, where a rerun finds it)."""
     out = Path(out_dir)
+    if isinstance(teacher, (str, os.PathLike)):
+        config, teacher = dataclasses.replace(config, teacher=str(teacher)), None
     dist = init_from_env(resolve_device(config.train.device).type)
     quiet = quiet or not dist.is_main  # one progress display: rank 0's
     if quiet:  # silence the training phases' progress too (quiet is a runtime setting)
@@ -224,9 +248,11 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         except ValueError as exc:
             raise ValueError(f"{phase}.{exc}") from None
     check_reachable(config, full, quiet or not dist.is_main)
-    given = _given_teacher(config, full, data)
+    given = _given_teacher(config, full, data, teacher)
     if dist.is_main:
         out.mkdir(exist_ok=True)
+        if teacher is not None:
+            _keep_teacher(given, out / "teacher")
         if not saved.is_file():  # written once: a rerun (settings equal but for runtime
             save_config(config, saved)  # ones) writes nothing, even on a read-only share
             atomic_write_text(out / MARKER_FILE, json.dumps(
@@ -234,7 +260,8 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     dist.barrier()
 
     if given is not None:
-        _log(quiet, f"teacher: loaded {config.teacher}")
+        where = config.teacher if teacher is None else f"given, kept in {out / 'teacher'}"
+        _log(quiet, f"teacher: {where}")
     teacher = given if given is not None else _teacher(config, full, data, out, quiet)
     metrics = out / METRICS_FILE
     phase = "search" if config.method == "tas" else "shape"
@@ -272,7 +299,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
 
     if trained:
         _log(quiet, f"train: done ({out / WEIGHTS_FILE}), skipping")
-        model = load_pruned(out)
+        model = load_model(out)
     else:
         resume = has_checkpoint(out / TRAIN_CHECKPOINT)
         how = "with KD" if config.train.kd_alpha > 0 else "without KD (train.kd_alpha=0)"

@@ -393,7 +393,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     for title, name in images:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     lines += ["Files: `shape.json` (the searched shape), `model.safetensors` (weights, load with "
-              "`tasprune.load_pruned`), `metrics.jsonl` (one line per epoch and phase), "
+              "`tasprune.load_model`), `metrics.jsonl` (one line per epoch and phase), "
               "`config.yaml` (resolved settings).", ""]
     path = run / REPORT_FILE
     atomic_write_text(path, "\n".join(lines))
