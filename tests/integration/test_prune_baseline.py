@@ -5,12 +5,12 @@ import json
 import pytest
 import yaml
 
+from helpers import TINY
 from tasprune import Shape, build_model, count_flops, load_pruned
 from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.config import ConfigError
 from tasprune.pipeline import baseline_shape, load_prune_config
-from test_prune import TINY
 
 
 def test_method_is_validated_and_l1_implies_inheritance():

@@ -23,7 +23,7 @@ from tasprune.export import save_pruned
 from tasprune.pipeline import PruneConfig, load_prune_config
 from tasprune.rundir import check_export_target, check_kind, run_kind, run_lock
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def test_kinds_of_run_directories(tmp_path):

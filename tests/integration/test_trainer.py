@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from synthetic import synthetic_bundle
+from helpers import synthetic_bundle
 from tasprune import Shape, load_pruned
 from tasprune._io import append_jsonl, read_jsonl
 from tasprune.checkpoint import CheckpointError, load_checkpoint

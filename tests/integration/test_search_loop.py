@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from synthetic import brightness_bundle
+from helpers import brightness_bundle
 from tasprune import Shape, count_flops
 from tasprune._io import read_jsonl
 from tasprune.checkpoint import load_checkpoint

@@ -1,65 +1,13 @@
-import io
 import os
 import pickle
-import struct
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import py2_dump, write_cifar
 from tasprune.data import DataError, DataNotFoundError, load_data
 from tasprune.data.cifar import CIFAR10, CIFAR100, LAYOUTS, load_cifar, read_cifar_pickle
-from tasprune.data.integrity import md5_file
-
-
-class _Py2Pickler(pickle._Pickler):
-    """Writes what Python 2's cPickle wrote for the official files: byte strings as
-    BINSTRING opcodes (no `_codecs` global) and numpy under its old name `numpy.core`."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_bytes(self, obj):
-        n = len(obj)
-        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256
-                   else pickle.BINSTRING + struct.pack("<i", n) + obj)
-        self.memoize(obj)
-
-    def save_builtin(self, obj, name=None):
-        if obj.__module__ == "numpy._core.multiarray":
-            self.write(pickle.GLOBAL + f"numpy.core.multiarray\n{obj.__name__}\n".encode())
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
-
-    dispatch[bytes] = save_bytes
-    dispatch[type(len)] = save_builtin
-
-
-def _py2_dump(obj, path):
-    buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(obj)
-    path.write_bytes(buf.getvalue())
-
-
-def write_cifar(root, name="cifar10", per_file=4, seed=0):
-    """A tiny CIFAR directory in the official layout and pickle format; returns its MD5s."""
-    layout = LAYOUTS[name]
-    rng = np.random.default_rng(seed)
-    directory = root / layout.dirname
-    directory.mkdir(parents=True)
-    for i, file in enumerate(layout.train_files + layout.test_files):
-        batch = {
-            b"batch_label": f"batch {i}".encode(),
-            b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
-            layout.label_key.encode(): [int(x) for x in rng.integers(0, layout.num_classes,
-                                                                    per_file)],
-            b"filenames": [f"img{j}.png".encode() for j in range(per_file)],
-        }
-        _py2_dump(batch, directory / file)
-    names = [f"class{c}".encode() for c in range(layout.num_classes)]
-    _py2_dump({layout.names_key.encode(): names, b"num_cases_per_batch": per_file},
-              directory / layout.meta_file)
-    return {file: md5_file(directory / file) for file in layout.files}
 
 
 @pytest.mark.parametrize("name, n_train", [("cifar10", 20), ("cifar100", 4)])
@@ -124,7 +72,7 @@ def test_missing_and_truncated_files(tmp_path):
 def test_label_count_mismatch(tmp_path):
     write_cifar(tmp_path, "cifar10")
     path = tmp_path / CIFAR10.dirname / "data_batch_4"
-    _py2_dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2]}, path)
+    py2_dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2]}, path)
     with pytest.raises(DataError, match="data_batch_4: 4 images but 3 labels"):
         load_cifar(tmp_path, verify=False)
 

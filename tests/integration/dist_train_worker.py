@@ -1,6 +1,6 @@
 """`tasprune train` on synthetic data without augmentation, for torchrun in test_dist_train.py.
 
-    torchrun --standalone --nproc_per_node 2 tests/dist_train_worker.py train --model ...
+    torchrun --standalone --nproc_per_node 2 tests/integration/dist_train_worker.py train ...
 
 The arguments are the CLI's (`--data` is ignored: the data is `synthetic_bundle()` with
 crop and flip off, so a step's images do not depend on the augmentation draws).
@@ -13,18 +13,15 @@ import dataclasses
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
-from synthetic import synthetic_bundle
-from tasprune import cli
-from tasprune.training import loop
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-
-def data():
-    bundle = synthetic_bundle(n_train=64, n_test=21)
-    return dataclasses.replace(bundle, transform=dataclasses.replace(bundle.transform, pad=0,
-                                                                     flip=False))
+from helpers import dist_data  # noqa: E402
+from tasprune import cli  # noqa: E402
+from tasprune.training import loop  # noqa: E402
 
 
 def _inject(kind: str, rank: int, step: int) -> None:
@@ -51,7 +48,7 @@ if __name__ == "__main__":
     if os.environ.get("TEST_FAULT"):
         kind, rank, step = os.environ["TEST_FAULT"].split()
         _inject(kind, int(rank), int(step))
-    cli._load_data = lambda spec, quiet=True: data()
+    cli._load_data = lambda spec, quiet=True: dist_data()
     code = cli.main(sys.argv[1:])
     # torchrun terminates the other workers once one has exited non-zero, so the test
     # reads each rank's exit status here, not from torchrun's report

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import hook_flops, random_shape
+from helpers import hook_flops, random_shape
 from tasprune import Shape, build_model, count_flops, count_params, layer_table
 from tasprune.flops import DepthDist, WidthDist, expected_flops
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from synthetic import synthetic_bundle
+from helpers import synthetic_bundle
 from tasprune import Shape, build_model
 from tasprune.tas.health import accuracy, recalibrate_bn, subnet, subnet_accuracy
 from tasprune.tas.space import SearchSpace

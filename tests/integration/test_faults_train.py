@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from synthetic import synthetic_bundle
+from helpers import synthetic_bundle
 from tasprune import Shape, load_pruned
 from tasprune import cli as cli_module
 from tasprune._io import read_jsonl

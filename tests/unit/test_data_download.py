@@ -9,13 +9,13 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from helpers import write_cifar
 from tasprune.cli import main
 from tasprune.data import DataError, load_data
 from tasprune.data import download as dl
 from tasprune.data.cifar import load_cifar
 from tasprune.data.idx import write_idx
 from tasprune.data.integrity import md5_file
-from test_data_cifar import write_cifar
 
 
 class _Handler(SimpleHTTPRequestHandler):

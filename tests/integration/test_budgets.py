@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from synthetic import brightness_bundle
+from helpers import brightness_bundle
 from tasprune import Shape, count_flops, count_params
 from tasprune._io import read_jsonl
 from tasprune.flops import DepthDist, WidthDist, expected_params

@@ -5,16 +5,13 @@ import json
 import pytest
 import torch
 
+from helpers import TINY
 from tasprune import count_flops, load_pruned
 from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.config import ConfigError
 from tasprune.pipeline import RECIPES_DIR, load_prune_config, recipe_names
 from tasprune.shape import Shape
-
-TINY = ["teacher_train.epochs=1", "search.epochs=2", "train.epochs=1",
-        "teacher_train.batch_size=256", "search.batch_size=256", "train.batch_size=256",
-        "latency.repeats=3", "latency.min_repeats=1", "search.flops_ratio=0.5"]
 
 
 def test_every_paper_recipe_budgets_the_flops_of_the_published_shape():

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_train_worker import data as worker_data
+from helpers import dist_data as worker_data
 from tasprune import Shape, build_model, load_pruned
 from tasprune._io import read_jsonl
 from tasprune.checkpoint import CheckpointError, load_checkpoint

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from synthetic import synthetic_bundle
+from helpers import synthetic_bundle
 from tasprune import Shape, build_model
 from tasprune.data.source import BatchTransform, TensorImages
 from tasprune.training.loop import LoopOptions, evaluate, steps_per_epoch, train_one_epoch

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from synthetic import synthetic_bundle
+from helpers import synthetic_bundle
 from tasprune import cli
 from tasprune.data.idx import write_idx
 from tasprune.export import save_pruned
@@ -31,7 +31,7 @@ from tasprune.models import build_model
 from tasprune.shape import PAPER_SHAPES_DIR, Shape
 from tasprune.training.trainer import TrainConfig, train
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 SENTINEL = "sentinel.txt"
 # the bundled demo data: 10 classes of 1x28x28 images
 DEMO = {"num_classes": 10, "in_channels": 1, "resolution": 28}

@@ -11,7 +11,7 @@ from tasprune._io import read_jsonl
 from tasprune.baselines import uniform_shape
 from tasprune.latency import LatencyConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name):

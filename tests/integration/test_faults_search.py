@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from synthetic import brightness_bundle
+from helpers import brightness_bundle
 from tasprune import Shape
 from tasprune._io import read_jsonl
 from tasprune.checkpoint import (

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from helpers import example_input as _x
+from helpers import pruned_model as _model
 from tasprune import Shape, from_pretrained, load_data, save_pretrained
 from tasprune._io import read_jsonl
 from tasprune.cli import main
@@ -17,8 +19,6 @@ from tasprune.export import export_pt2
 from tasprune.models import ResNet
 from tasprune.tas.searcher import SearchConfig, search
 from tasprune.tracking import check_sinks, log_record, parse_sinks, tensorboard_dir
-from test_export import _pruned as _model
-from test_export import _x
 
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
                                        reason="needs tensorboard (pip install "

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from synthetic import synthetic_bundle
+from helpers import synthetic_bundle
 from tasprune import cli, load_pruned
 from tasprune._io import read_jsonl
 from tasprune.cli import main

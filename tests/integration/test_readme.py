@@ -10,7 +10,7 @@ import pytest
 from tasprune.cli import build_parser
 from tasprune.pipeline import load_prune_config
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_commands() -> list[str]:

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import hook_flops
+from helpers import hook_flops
 from tasprune import Shape, build_model, count_flops, count_params, paper_shape, paper_shape_names
 from tasprune.shape import PAPER_SHAPES_DIR
 
