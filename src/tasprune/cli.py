@@ -224,8 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         "--teacher PATH")
     _check_train_out(args.out, args.resume)
     config = load_config(TrainConfig, flags=config_values(args))
-    args.quiet = config.quiet
-    data = _load_data(args.data, args.quiet)
+    data = _load_data(args.data, config.quiet)
     shape = load_target_shape(args.model or args.shape, data.num_classes, data.resolution,
                               data.in_channels)
     teacher = load_model(args.teacher) if args.teacher else None

@@ -25,11 +25,10 @@ from tasprune.checkpoint import (
     previous_path,
     save_checkpoint,
 )
-from tasprune.config import to_dict
+from tasprune.config import runtime_fields, to_dict
 from tasprune.device import resolve_device
 from tasprune.dist import Dist, init_from_env, launched_by_torchrun, leave_process_group
 from tasprune.faults import NonFiniteLoss, StopRequest
-from tasprune.settings import runtime_fields
 from tasprune.tracking import log_record
 
 SEARCH_CHECKPOINT = "search.pt"

@@ -77,7 +77,6 @@ _ADDED_KEYS = {("latency", "rounds"): 5, ("latency", "threads"): None,
                ("latency", "deploy"): True, ("search", "couple_residual"): False}
 
 
-
 def recipe_path(name_or_path: str) -> Path:
     """A recipe file: a path, or the name of a recipe shipped in tasprune/configs."""
     path = Path(name_or_path)
@@ -183,9 +182,9 @@ def _keep_teacher(teacher: ResNet, tdir: Path) -> None:
     """A teacher given in Python is saved where prune keeps its teacher, so that the run
     directory holds what it was made from and a rerun finds it."""
     if (tdir / WEIGHTS_FILE).is_file():
-        kept = load_model(tdir).state_dict()
-        same = kept.keys() == teacher.state_dict().keys() and all(
-            torch.equal(kept[k], v.cpu()) for k, v in teacher.state_dict().items())
+        kept, given = load_model(tdir).state_dict(), teacher.state_dict()
+        same = kept.keys() == given.keys() and all(
+            torch.equal(kept[k], v.cpu()) for k, v in given.items())
         if not same:
             raise ValueError(f"{tdir} holds another teacher than the one given; choose another "
                              "output directory, or give no teacher to use the one there")

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tasprune.config import runtime_fields, setting, to_dict  # noqa: F401 (runtime_fields: re-exported)
+from tasprune.config import setting, to_dict
 from tasprune.device import AMP_CHOICES, parse_device
 from tasprune.latency import LatencyConfig
 from tasprune.tas.sampling import SCHEDULES
