@@ -12,6 +12,7 @@ import struct
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from tasprune.data.cifar import LAYOUTS
 from tasprune.data.integrity import md5_file
@@ -84,6 +85,19 @@ def hook_flops(model: nn.Module, x: torch.Tensor) -> int:
     for h in handles:
         h.remove()
     return total
+
+
+def counter_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one sample under the project's convention, counted by torch's
+    FlopCounterMode (a second independent check): its FLOPs // 2 (2 per conv/matmul MAC)
+    plus `out_features` for each nn.Linear with a bias (a linear counts in*out + out).
+    Everything is divided by the batch size of `example`."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    bias = sum(m.out_features for m in model.modules()
+               if isinstance(m, nn.Linear) and m.bias is not None)
+    return counter.get_total_flops() // 2 // example.shape[0] + bias
 
 
 def random_shape(base, gen: torch.Generator):
