@@ -190,12 +190,17 @@ def layer_table(shape: Shape) -> list[Layer]:
 
 
 def count_flops(shape: Shape) -> int:
-    """Exact multiply-accumulates of conv and linear layers (see module docstring)."""
+    """Exact multiply-accumulates of conv and linear layers (see module docstring); a
+    `tasprune.plan.PlanShape` counts itself by the same convention."""
+    if not isinstance(shape, Shape):
+        return shape.count("flops")
     return int(sum(layer.flops for layer in layer_table(shape)))
 
 
 def count_params(shape: Shape) -> int:
     """Exact learnable parameters (conv/linear weights, linear bias, BN affine)."""
+    if not isinstance(shape, Shape):
+        return shape.count("params")
     return int(sum(layer.params for layer in layer_table(shape)))
 
 

@@ -3,7 +3,7 @@ import torch
 
 from helpers import synthetic_bundle
 from tasprune import Shape, build_model
-from tasprune.tas.health import accuracy, recalibrate_bn, subnet, subnet_accuracy
+from tasprune.tas.health import accuracy, recalibrate_bn, subnet_accuracy
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
 from tasprune.training.inherit import reorder_channels
@@ -41,7 +41,7 @@ def test_the_full_shape_cut_from_the_supernet_is_the_teacher():
     recalibrate_bn(teacher, [data.transform(data.train.images[calibrate[i:i + 16]])
                              for i in (0, 16)])
     assert acc == accuracy(teacher, data, held_out, 16, torch.device("cpu"))
-    cut = subnet(net, full)
+    cut = net.subnet(full)
     recalibrate_bn(cut, [data.transform(data.train.images[calibrate[i:i + 16]])
                          for i in (0, 16)])
     with torch.no_grad():

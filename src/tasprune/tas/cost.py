@@ -30,6 +30,7 @@ from tasprune.flops import (
     expected_flops,
     expected_params,
 )
+from tasprune.plan import PlanShape, expected_plan_flops, expected_plan_params
 from tasprune.shape import Shape
 from tasprune.tas.sampling import masked_softmax
 from tasprune.tas.space import SearchSpace
@@ -40,9 +41,10 @@ Expectation = Callable[[Skeleton, Sequence[WidthDist], Sequence[DepthDist]], tor
 
 def expected_cost(space: SearchSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor,
                   width_mask: torch.Tensor, depth_mask: torch.Tensor,
-                  expectation: Expectation = expected_flops) -> torch.Tensor:
+                  expectation: Expectation | None = None) -> torch.Tensor:
     """E[cost] (float64 tensor, differentiable w.r.t. the logits); the cost is FLOPs unless
     another `expectation` (e.g. `Budget.expected`) is given."""
+    expectation = expectation or space.expected_flops
     wp = masked_softmax(width_logits.double(), width_mask)
     dp = masked_softmax(depth_logits.double(), depth_mask)
     dists = [WidthDist(values=wp.new_tensor(c), probs=wp[s, : len(c)])
@@ -124,12 +126,14 @@ class Budget:
         return self.exact(shape) / self.full
 
 
-def flops_budget(full: Shape, ratio: float) -> Budget:
-    return Budget("flops", ratio, count_flops(full), count_flops, expected_flops)
+def flops_budget(full: Shape | PlanShape, ratio: float) -> Budget:
+    expected = expected_plan_flops if isinstance(full, PlanShape) else expected_flops
+    return Budget("flops", ratio, count_flops(full), count_flops, expected)
 
 
-def params_budget(full: Shape, ratio: float) -> Budget:
-    return Budget("params", ratio, count_params(full), count_params, expected_params)
+def params_budget(full: Shape | PlanShape, ratio: float) -> Budget:
+    expected = expected_plan_params if isinstance(full, PlanShape) else expected_params
+    return Budget("params", ratio, count_params(full), count_params, expected)
 
 
 def latency_budget(full: Shape, ratio: float, table: object) -> Budget:

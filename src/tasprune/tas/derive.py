@@ -36,7 +36,7 @@ import torch
 from tasprune.flops import count_flops
 from tasprune.shape import Shape
 from tasprune.tas.sampling import masked_log_softmax
-from tasprune.tas.space import SearchSpace, used_slots
+from tasprune.tas.space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def _walk(space: SearchSpace, price: Callable[[Shape], float], wi: list[int], di
         free_only = not go_on(flops)
         if free_only and (step < 0 or greedy_flops):
             break
-        used = used_slots(space.shape(wi, di))
+        used = space.used(space.shape(wi, di))
         best: tuple[float, float, list[int], list[int], int] | None = None
         moves: list[tuple[list[int], list[int], float]] = []
         for s in sorted(used):

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from tasprune.data.source import DataBundle
-from tasprune.models import ResNet, build_model
 from tasprune.shape import Shape
 from tasprune.tas.supernet import SuperNet
 
@@ -40,13 +39,6 @@ def recalibrate_bn(model: nn.Module, images: Iterable[torch.Tensor]) -> None:
     model.eval()
 
 
-def subnet(net: SuperNet, shape: Shape) -> ResNet:
-    """The pruned network of `shape` with the supernet's weights, on the supernet's device."""
-    model = build_model(shape).to(net.width_logits.device)
-    model.load_state_dict(net.state_dict_for(shape))
-    return model.to(memory_format=torch.channels_last)
-
-
 def accuracy(model: nn.Module, data: DataBundle, indices: torch.Tensor, batch_size: int,
              device: torch.device) -> float:
     """Top-1 accuracy (a fraction) of `model` in its current mode on training images
@@ -64,7 +56,7 @@ def subnet_accuracy(net: SuperNet, shape: Shape, data: DataBundle, calibrate: to
     """Accuracy on training images `held_out` of the pruned network of `shape` cut from
     the supernet, its BatchNorm statistics re-estimated on training images `calibrate`."""
     device = net.width_logits.device
-    model = subnet(net, shape)
+    model = net.subnet(shape)
     batches = (data.transform(images.to(device)) for images, _ in
                data.train.batches(batch_size, indices=calibrate))
     recalibrate_bn(model, batches)

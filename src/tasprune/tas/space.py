@@ -21,7 +21,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tasprune.flops import count_flops
+from typing import Any
+
+from tasprune.flops import DepthDist, WidthDist, count_flops, expected_flops
+from tasprune.plan import LayerPlan, PlanShape, expected_plan_cost
 from tasprune.shape import Shape
 
 DEFAULT_RATIOS: tuple[float, ...] = tuple(round(0.1 * i, 10) for i in range(3, 11))
@@ -112,6 +115,12 @@ class SearchSpace:
         blocks = tuple(d[i] for d, i in zip(self.depths, depth_index, strict=True))
         return self.full.replace(widths=widths, blocks=blocks)
 
+    expected_flops = staticmethod(expected_flops)
+
+    def used(self, shape: Shape) -> set[int]:
+        """Conv slots that the network of `shape` builds."""
+        return used_slots(shape)
+
     def smallest(self) -> Shape:
         """Every slot at its narrowest choice, every stage at its shallowest."""
         return self.shape([0] * self.num_slots, [0] * self.num_stages)
@@ -172,3 +181,68 @@ def used_slots(shape: Shape) -> set[int]:
         for blk in stage[: shape.blocks[s]]:
             used.update(c.slot for c in blk.convs)
     return used
+
+
+@dataclass(frozen=True)
+class PlanSpace:
+    """Width choices of every searched channel group and kept-block choices of every stage
+    of a planned network (`tasprune.plan`): what `SearchSpace` is for the built-in
+    ResNets. A stage of `M` skippable blocks keeps k of them for k + 1 in
+    `depth_choices(M + 1)` (the block before a stage is never skipped, as a ResNet stage's
+    first block)."""
+
+    full: PlanShape
+    widths: tuple[tuple[int, ...], ...]
+    depths: tuple[tuple[int, ...], ...]
+    ties: tuple[int, ...] = ()
+    coupled = False
+
+    def __post_init__(self) -> None:
+        if not self.ties:
+            object.__setattr__(self, "ties", tuple(range(len(self.widths))))
+
+    @classmethod
+    def from_plan(cls, plan: LayerPlan, ratios: Sequence[float] = DEFAULT_RATIOS,
+                  multiple_of: int = 1) -> PlanSpace:
+        widths = tuple(width_choices(plan.groups[g].size, ratios, multiple_of)
+                       for g in plan.searched)
+        depths = tuple(tuple(d - 1 for d in depth_choices(len(s) + 1)) for s in plan.stages)
+        return cls(full=plan.full(), widths=widths, depths=depths)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.widths)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @staticmethod
+    def expected_flops(plan: LayerPlan, widths: Sequence[WidthDist],
+                       depths: Sequence[DepthDist]) -> Any:
+        return expected_plan_cost(plan, widths, depths, "flops")
+
+    def shape(self, width_index: Sequence[int], depth_index: Sequence[int]) -> PlanShape:
+        widths = tuple(c[i] for c, i in zip(self.widths, width_index, strict=True))
+        blocks = tuple(d[i] for d, i in zip(self.depths, depth_index, strict=True))
+        return self.full.replace(widths=widths, blocks=blocks)
+
+    def smallest(self) -> PlanShape:
+        return self.shape([0] * self.num_slots, [0] * self.num_stages)
+
+    def min_flops_ratio(self) -> float:
+        return self.smallest().count("flops") / self.full.count("flops")
+
+    def used(self, shape: PlanShape) -> set[int]:
+        return shape.used_groups()
+
+    def indices_of(self, shape: PlanShape) -> tuple[list[int], list[int]]:
+        """Choice indices of a shape of this space (groups of skipped blocks whose width
+        is not a choice map to the full width)."""
+        used = shape.used_groups()
+        widths = [_position(c, w, f"width {w} of group {g}") if g in used or w in c
+                  else len(c) - 1 for g, (c, w) in enumerate(zip(self.widths, shape.widths,
+                                                                  strict=True))]
+        depths = [_position(d, k, f"{k} blocks of stage {s}")
+                  for s, (d, k) in enumerate(zip(self.depths, shape.blocks, strict=True))]
+        return widths, depths

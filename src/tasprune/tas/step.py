@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasprune.dist import Dist
-from tasprune.flops import count_flops, expected_flops
+from tasprune.flops import count_flops
 from tasprune.phase import check_step
 from tasprune.settings import SearchConfig
 from tasprune.tas.cost import Budget, BudgetLoss, supernet_budget_loss
@@ -148,7 +148,7 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
                 loss_v = F.cross_entropy(out_v, yv).float()
             if isinstance(budgets, int):  # the unpruned FLOPs: no count every step
                 budgets = [Budget("flops", config.flops_ratio or 1.0, budgets, count_flops,
-                                  expected_flops)]
+                                  net.space.expected_flops)]
             fl = supernet_budget_loss(net, budgets, config.tolerance, argmax_weight)
             loss_a = loss_v + config.flop_weight * fl.loss
             if entropy_weight > 0:

@@ -336,29 +336,16 @@ class SuperBlock(nn.Module):
         return F.relu(out + shortcut, inplace=True)
 
 
-# the network ---------------------------------------------------------------------------
-class SuperNet(nn.Module):
-    """The searchable ResNet of a SearchSpace (see the module docstring)."""
+# the distributions ---------------------------------------------------------------------
+class Distributions(nn.Module):
+    """The architecture logits of a space (`widths`, `depths`, `ties` per row), what is
+    sampled from them and their argmax: shared by the ResNet `SuperNet` and the
+    `PlanSuperNet` of any planned network."""
 
-    def __init__(self, space: SearchSpace, generator: torch.Generator | None = None) -> None:
-        super().__init__()
+    space: Any
+
+    def _init_distributions(self, space: Any) -> None:
         self.space = space
-        full = space.full
-        skel = full.skeleton
-        fw = full.widths
-        self.stem = SlotConv(full.in_channels, fw[0], skel.stem.kernel, skel.stem.stride,
-                             space.widths[0])
-        self.stem_pool = skel.family.stem_pool
-        stages, cin = [], fw[0]
-        for stage in skel.stages:
-            blocks = []
-            for blk in stage:
-                widths = tuple(fw[c.slot] for c in blk.convs)
-                blocks.append(SuperBlock(blk, cin, widths, space.widths))
-                cin = widths[-1]
-            stages.append(nn.ModuleList(blocks))
-        self.stages = nn.ModuleList(stages)
-        self.fc = nn.Linear(cin, full.num_classes)
         wmask, dmask = _mask(space.widths), _mask(space.depths)
         # logits of every slot (stage) in one padded matrix; the masks mark real choices
         self.register_buffer("width_mask", wmask, persistent=False)
@@ -367,24 +354,10 @@ class SuperNet(nn.Module):
         # a tied slot reads the row of the slot it is tied to (search.space, `coupled`)
         self.register_buffer("ties", torch.tensor(space.ties), persistent=False)
         self.depth_logits = nn.Parameter(torch.zeros(dmask.shape))
-        self.reset_parameters(generator)
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """He et al. 2015 init for convs (as the pruned ResNet), BN 1/0, the Linear default
-        for the classifier, architecture logits from N(0, 0.01^2) (TAS)."""
+    def _reset_logits(self, generator: torch.Generator | None) -> None:
+        """Architecture logits from N(0, 0.01^2) (TAS)."""
         with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, SlotConv):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu",
-                                            generator=generator)
-                elif isinstance(m, ChoiceBN):
-                    m.weight.fill_(1.0)
-                    m.bias.zero_()
-                    m.running_mean.zero_()
-                    m.running_var.fill_(1.0)
-            nn.init.kaiming_uniform_(self.fc.weight, a=math.sqrt(5), generator=generator)
-            bound = 1.0 / math.sqrt(self.fc.in_features)
-            nn.init.uniform_(self.fc.bias, -bound, bound, generator=generator)
             for logits, mask in ((self.width_logits, self.width_mask),
                                  (self.depth_logits, self.depth_mask)):
                 logits.normal_(0.0, 0.01, generator=generator).mul_(mask)
@@ -451,6 +424,50 @@ class SuperNet(nn.Module):
         """The argmax shape: the most probable width of every slot and depth of every stage."""
         return self.space.shape(*self.argmax_indices())
 
+
+# the network ---------------------------------------------------------------------------
+class SuperNet(Distributions):
+    """The searchable ResNet of a SearchSpace (see the module docstring)."""
+
+    def __init__(self, space: SearchSpace, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        full = space.full
+        skel = full.skeleton
+        fw = full.widths
+        self.stem = SlotConv(full.in_channels, fw[0], skel.stem.kernel, skel.stem.stride,
+                             space.widths[0])
+        self.stem_pool = skel.family.stem_pool
+        stages, cin = [], fw[0]
+        for stage in skel.stages:
+            blocks = []
+            for blk in stage:
+                widths = tuple(fw[c.slot] for c in blk.convs)
+                blocks.append(SuperBlock(blk, cin, widths, space.widths))
+                cin = widths[-1]
+            stages.append(nn.ModuleList(blocks))
+        self.stages = nn.ModuleList(stages)
+        self.fc = nn.Linear(cin, full.num_classes)
+        self._init_distributions(space)
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """He et al. 2015 init for convs (as the pruned ResNet), BN 1/0, the Linear default
+        for the classifier, architecture logits from N(0, 0.01^2) (TAS)."""
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, SlotConv):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu",
+                                            generator=generator)
+                elif isinstance(m, ChoiceBN):
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+                    m.running_mean.zero_()
+                    m.running_var.fill_(1.0)
+            nn.init.kaiming_uniform_(self.fc.weight, a=math.sqrt(5), generator=generator)
+            bound = 1.0 / math.sqrt(self.fc.in_features)
+            nn.init.uniform_(self.fc.bias, -bound, bound, generator=generator)
+        self._reset_logits(generator)
+
     # forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, arch: Arch | None = None) -> torch.Tensor:
         """Class logits under `arch` (default: the fixed argmax shape)."""
@@ -466,6 +483,14 @@ class SuperNet(nn.Module):
         return F.linear(x, self.fc.weight[:, : x.shape[1]], self.fc.bias)
 
     # weights in and out ----------------------------------------------------------------
+    def subnet(self, shape: Shape) -> nn.Module:
+        """The pruned network of `shape` with these weights, on this supernet's device."""
+        from tasprune.models import build_model
+
+        model = build_model(shape).to(self.width_logits.device)
+        model.load_state_dict(self.state_dict_for(shape))
+        return model.to(memory_format=torch.channels_last)
+
     def state_dict_for(self, shape: Shape) -> dict[str, torch.Tensor]:
         """The state dict of `tasprune.models.build_model(shape)` cut from these weights:
         sliced convs, projections and classifier, the BN of each slot's chosen width."""
@@ -562,7 +587,7 @@ def _gated_stage_forward(blocks: nn.ModuleList, x: torch.Tensor, widths: tuple[C
 
 def _mask(choices: tuple[tuple[int, ...], ...]) -> torch.Tensor:
     """[rows, max choices] mask of the real entries of a ragged list of choices."""
-    mask = torch.zeros(len(choices), max(len(c) for c in choices), dtype=torch.bool)
+    mask = torch.zeros(len(choices), max((len(c) for c in choices), default=1), dtype=torch.bool)
     for r, c in enumerate(choices):
         mask[r, : len(c)] = True
     return mask
