@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -25,6 +26,7 @@ from tasprune._io import atomic_write
 from tasprune.checkpoint import CheckpointError, load_checkpoint, load_state_checked
 from tasprune.deploy import fold_batchnorm
 from tasprune.models import ResNet, build_model
+from tasprune.plan import PlanShape
 from tasprune.shape import Shape
 
 WEIGHTS_FILE = "model.safetensors"
@@ -122,11 +124,16 @@ load_pruned = load_model  # the name of earlier versions
 Teacher = ResNet | Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
 
-def as_teacher(teacher: Teacher | None, shape_full: Shape) -> ResNet | None:
+def as_teacher(teacher: Teacher | None, shape_full: Shape | PlanShape) -> nn.Module | None:
     """A teacher as every phase takes it: a model, a state dict of the unpruned network
     `shape_full`, or the path of a saved model (`load_model`); None stays None."""
     if teacher is None or isinstance(teacher, ResNet):
         return teacher
+    if isinstance(shape_full, PlanShape):
+        if isinstance(teacher, nn.Module):
+            return teacher
+        raise TypeError("a network of your own is searched from the module itself: pass the "
+                        f"model (with its trained weights), not a {type(teacher).__name__}")
     if isinstance(teacher, (str, os.PathLike)):
         return load_model(teacher)
     if isinstance(teacher, Mapping):

@@ -10,7 +10,8 @@ from tasprune.latency_table import Key, LatencyTable
 from tasprune.settings import SearchConfig
 from tasprune.shape import Shape
 from tasprune.tas.cost import Budget, flops_budget, latency_budget, params_budget
-from tasprune.tas.space import SearchSpace
+from tasprune.plan import PlanShape
+from tasprune.tas.space import PlanSpace, SearchSpace
 
 
 def check_budget(space: SearchSpace, flops_ratio: float) -> None:
@@ -39,8 +40,11 @@ def describe_budgets(config: SearchConfig) -> str:
     return " and ".join(parts)
 
 
-def space_of(config: SearchConfig, full: Shape) -> SearchSpace:
-    """The search space a config searches on the unpruned network `full`."""
+def space_of(config: SearchConfig, full: Shape | PlanShape) -> SearchSpace | PlanSpace:
+    """The search space a config searches on the unpruned network `full` (a built-in
+    ResNet's Shape, or a planned network's PlanShape, whose ties come from its graph)."""
+    if isinstance(full, PlanShape):
+        return PlanSpace.from_plan(full.plan, config.width_ratios, config.channel_multiple)
     return SearchSpace.from_shape(full, config.width_ratios, config.channel_multiple,
                                   config.couple_residual)
 
@@ -73,6 +77,9 @@ def build_budgets(config: SearchConfig, space: SearchSpace, quiet: bool = True
         budgets.append(flops_budget(full, config.flops_ratio))
     if config.params_ratio is not None:
         budgets.append(params_budget(full, config.params_ratio))
+    if config.latency_ratio is not None and isinstance(space, PlanSpace):
+        raise ValueError("a latency budget needs a latency table of the built-in ResNets' "
+                         "layers; for a network of your own use a FLOP or parameter budget")
     if config.latency_ratio is not None:
         for batch in config.latency_batch_sizes:
             table = LatencyTable.cached(batch, config.latency_device, config.latency_threads)

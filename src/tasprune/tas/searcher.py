@@ -40,6 +40,7 @@ from tasprune.phase import (
     rank_max_diff,
     stream,
 )
+from tasprune.plan import PlanShape
 from tasprune.progress import progress
 from tasprune.settings import SearchConfig
 from tasprune.shape import Shape
@@ -56,6 +57,8 @@ from tasprune.tas.derive import derive_in_band
 from tasprune.tas.health import Health, accuracy
 from tasprune.tas.sampling import mean_entropy, tau_at
 from tasprune.tas.step import STATS, StepOut, search_step
+from tasprune.tas.plan_supernet import PlanSuperNet
+from tasprune.tas.space import PlanSpace, SearchSpace
 from tasprune.tas.supernet import SuperNet
 from tasprune.training.inherit import reorder_channels, taylor_importance
 from tasprune.training.optim import WarmupCosine, make_sgd
@@ -171,7 +174,7 @@ class SearchLoop:
     full_flops: int
     steps: int
     run: Run
-    shape_full: Shape
+    shape_full: Shape | PlanShape
     budgets: tuple[Budget, ...] = ()
     teacher: bool = False
     teacher_net: nn.Module | None = None  # distilled from in the weight step
@@ -388,7 +391,19 @@ def _reordered(teacher: ResNet, data: DataBundle, images: torch.Tensor, batch_si
     return reorder_channels(teacher, importance)
 
 
-def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
+def _supernet(space: SearchSpace | PlanSpace, teacher: nn.Module | None,
+              generator: torch.Generator) -> SuperNet | PlanSuperNet:
+    """The supernet of a built-in ResNet's space, or of a planned network's (built from
+    the network itself, `teacher`)."""
+    if isinstance(space, SearchSpace):
+        return SuperNet(space, generator)
+    if teacher is None:
+        raise ValueError("searching a network of your own needs the network itself as the "
+                         "teacher (its trained weights are where the search starts)")
+    return PlanSuperNet(space, teacher, generator)
+
+
+def search(shape_full: Shape | PlanShape, data: DataBundle, config: SearchConfig,
            out_dir: str | Path, teacher: Teacher | None = None,
            resume: bool = False, quiet: bool = False) -> SearchResult:
     """Search a pruned shape of `shape_full` at `config.flops_ratio` of its FLOPs.
@@ -425,7 +440,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
             raise ValueError("search amp fp16 needs a CUDA device; use amp bf16 or off")
         per_rank_batch(config.batch_size, dist)
         run = Run(out, SEARCH_CHECKPOINT, _KIND, "search", dist, device, config.log)
-        net = SuperNet(space, stream(config.seed, "search.supernet")).to(device)
+        net = _supernet(space, teacher, stream(config.seed, "search.supernet")).to(device)
         calibrate = _subset(train_idx, _CALIBRATION_IMAGES,
                             stream(config.seed, "search.calibration"))
         held_out = _subset(valid_idx, config.health_images, stream(config.seed, "search.held_out"))
@@ -435,7 +450,7 @@ def search(shape_full: Shape, data: DataBundle, config: SearchConfig,
             net.load_teacher(teacher.state_dict())  # checks that it fits
             teacher_net = copy.deepcopy(teacher).to(device, memory_format=torch.channels_last)
             teacher_net.eval()
-            if config.reorder and not resume:
+            if config.reorder and not resume and isinstance(space, SearchSpace):
                 net.load_teacher(_reordered(teacher_net, data, calibrate, config.batch_size,
                                             dist).state_dict())
             health.teacher_acc = accuracy(teacher_net, data, held_out, config.batch_size,
@@ -575,7 +590,13 @@ def _restore(loop: SearchLoop) -> int:
     `loop`; return the number of finished epochs (and set `loop.resume_at` when the
     checkpoint was written mid-epoch)."""
     state, used = loop.run.load()
-    saved_shape = Shape.from_dict(state["shape_full"])
+    if isinstance(loop.shape_full, PlanShape):
+        if state["shape_full"] != loop.shape_full.to_dict():
+            raise ValueError(f"{used} searched another network; resume with the same model "
+                             "and data, or choose another output directory")
+        saved_shape = loop.shape_full
+    else:
+        saved_shape = Shape.from_dict(state["shape_full"])
     if saved_shape != loop.shape_full:
         full = loop.shape_full
         raise ValueError(f"{used} searched {saved_shape.describe()} with "
