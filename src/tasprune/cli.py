@@ -601,8 +601,30 @@ def _run_prune(recipe: str | None, flags: dict[str, Any], overrides: list[str], 
     return 0
 
 
+def _run_custom(config: Any, out: str, quiet: bool) -> int:
+    from tasprune.custom import run_prune
+
+    summary = run_prune(config, out, config.weights, quiet)
+    flops = summary["flops"] / summary["full_flops"]
+    params = summary["params"] / summary["full_params"]
+    acc = "" if summary["acc"] is None else f", test accuracy {summary['acc']:.4f}"
+    if summary["teacher_acc"] is not None:
+        acc += f" (unpruned {summary['teacher_acc']:.4f})"
+    print(f"{config.model} pruned by {config.method}: FLOPs {_fmt_count(summary['flops'])} "
+          f"= {flops:.3f} of the unpruned, params {params:.3f}{acc}")
+    print(f"\nrun directory: {out} (report: {out}/report.md, model: {out}/model.safetensors "
+          "+ shape.json, model.onnx, model.pt2)")
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    from tasprune.custom import is_factory_spec
+    from tasprune.pipeline import load_prune_config
+
     check_out_dir(args.out)
+    config = load_prune_config(args.config, tuple(args.overrides), flags=_prune_flags(args))
+    if is_factory_spec(config.model):
+        return _run_custom(config, args.out, args.quiet)
     return _run_prune(args.config, _prune_flags(args), list(args.overrides), args.out,
                       args.quiet)
 

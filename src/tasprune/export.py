@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from tasprune._io import atomic_write
 from tasprune.checkpoint import CheckpointError, load_checkpoint, load_state_checked
@@ -144,22 +144,25 @@ def as_teacher(teacher: Teacher | None, shape_full: Shape | PlanShape) -> nn.Mod
                     f"model, not {type(teacher).__name__}")
 
 
-def _example_input(model: ResNet, batch: int = 1) -> torch.Tensor:
-    s = model.shape
+def _example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    s = model.shape  # type: ignore[union-attr]
     param = next(model.parameters())
     return torch.randn(batch, s.in_channels, s.resolution, s.resolution, device=param.device)
 
 
-def export_onnx(model: ResNet, path: str | os.PathLike[str]) -> Path:
+def export_onnx(model: nn.Module, path: str | os.PathLike[str],
+                example: torch.Tensor | None = None, fold: bool = True) -> Path:
     """Write the inference form of `model` as an ONNX graph (input `images` [N, C, H, W]
     with a dynamic batch, output `logits`).
 
     The graph is of `tasprune.deploy.fold_batchnorm(model)`: every BatchNorm folded into
     the conv before it (the model itself is left as it is). Uses the torch.export-based
-    exporter (needs the `onnx` and `onnxscript` packages).
+    exporter (needs the `onnx` and `onnxscript` packages). A network of your own passes
+    an `example` batch (of 2 or more) and `fold=False` (ONNX Runtime folds BatchNorm itself).
     """
     path = Path(path)
-    model = fold_batchnorm(model)  # type: ignore[assignment]
+    example = _example_input(model, 2) if example is None else example
+    model = fold_batchnorm(model) if fold else model.eval()
     onnx_log = logging.getLogger("torch.onnx")
     level = onnx_log.level
     try:
@@ -169,7 +172,7 @@ def export_onnx(model: ResNet, path: str | os.PathLike[str]) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.onnx.export(
-                model, (_example_input(model, 2),), dynamo=True, verbose=False,
+                model, (example,), dynamo=True, verbose=False,
                 input_names=["images"], output_names=["logits"],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
@@ -197,11 +200,13 @@ def export_torchscript(model: ResNet, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def export_pt2(model: ResNet, path: str | os.PathLike[str]) -> Path:
+def export_pt2(model: nn.Module, path: str | os.PathLike[str],
+               example: torch.Tensor | None = None) -> Path:
     """Write a `torch.export` program with a dynamic batch dimension; it loads with
     `torch.export.load(path).module()` and needs no tasprune."""
     path = Path(path)
-    program = torch.export.export(model.eval(), (_example_input(model, 2),),
+    example = _example_input(model, 2) if example is None else example
+    program = torch.export.export(model.eval(), (example,),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     atomic_write(path, lambda tmp: torch.export.save(program, str(tmp)))
     return path

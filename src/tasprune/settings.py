@@ -283,7 +283,12 @@ class PruneConfig:
     teacher's weights (train.inherit is set to true, and saved so in config.yaml): its
     shape is made of the teacher's filters."""
 
-    model: str = setting("resnet20", "model to prune (see `tasprune models`)")
+    model: str = setting("resnet20", "model to prune: a registered name (see `tasprune "
+                         "models`), or a network of your own as FILE.py:FACTORY or "
+                         "package.module:FACTORY (called with num_classes=, in_channels=)")
+    weights: str | None = setting(None, "trained weights of a FILE.py:FACTORY model (a state "
+                                  "dict: .safetensors, .pt or .pth); null: train them with "
+                                  "teacher_train")
     data: str = setting("demo", "dataset spec (see `tasprune data info`)")
     method: Method = setting("tas", "how the shape is found: tas (the search), or the "
                              "baselines uniform, l1 and random")

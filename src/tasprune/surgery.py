@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from tasprune.plan import PlanLayer, PlanShape
+from tasprune.plan import LayerPlan, PlanLayer, PlanShape
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -113,3 +113,55 @@ def shrink(model: nn.Module, shape: PlanShape,
             for name, t in cut_layer(layer, tensors, widths, full).items():
                 getattr(module, name).copy_(t)
     return pruned
+
+
+def importance(model: nn.Module, plan: LayerPlan) -> dict[int, torch.Tensor]:
+    """A score per channel of every searched group: the summed |gamma| of the BatchNorms
+    that normalise it where there are some (network slimming, Liu et al. 2017), else the
+    L1 norms of the rows that write it (Li et al. 2017)."""
+    searched = set(plan.searched)
+    bn: dict[int, torch.Tensor] = {}
+    rows: dict[int, torch.Tensor] = {}
+    for layer in plan.layers:
+        module = model.get_submodule(layer.name)
+        weight = module.weight.detach().float().cpu()
+        if layer.kind == "bn" and len(layer.reads) == 1 and layer.reads[0] in searched:
+            g = layer.reads[0]
+            bn[g] = bn.get(g, 0) + weight.abs()
+        elif layer.writes is not None and layer.writes in searched:
+            g = layer.writes
+            rows[g] = rows.get(g, 0) + weight.abs().flatten(1).sum(1)
+    return {g: bn[g] if g in bn else rows[g] for g in plan.searched if g in bn or g in rows}
+
+
+def reorder(model: nn.Module, plan: LayerPlan,
+            scores: Mapping[int, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of `model` computing the same function with the channels of every searched
+    group sorted by `scores` (default `importance`), most important first: so the first
+    c channels of a group, which a pruned network keeps, are its best c."""
+    scores = importance(model, plan) if scores is None else scores
+    order = {g: torch.argsort(s, descending=True, stable=True) for g, s in scores.items()}
+    out = copy.deepcopy(model)
+    full = [g.size for g in plan.groups]
+    with torch.no_grad():
+        for layer in plan.layers:
+            module = out.get_submodule(layer.name)
+            parts, offset = [], 0  # the permutation of the input positions
+            for g in layer.reads:
+                parts.append(offset + (order[g] if g in order else torch.arange(full[g])))
+                offset += full[g]
+            inputs = torch.cat(parts)
+            if layer.spatial > 1:
+                inputs = (inputs[:, None] * layer.spatial + torch.arange(layer.spatial)).flatten()
+            for name, t in list(module.named_parameters(recurse=False)) + list(
+                    module.named_buffers(recurse=False)):
+                if t.dim() == 0:
+                    continue
+                if layer.kind == "bn" or layer.depthwise:
+                    t.copy_(t[inputs.to(t.device)])
+                    continue
+                if layer.writes in order:
+                    t.copy_(t[order[layer.writes].to(t.device)])
+                if name == "weight":
+                    t.copy_(t[:, inputs.to(t.device)])
+    return out

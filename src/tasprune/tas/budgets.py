@@ -7,10 +7,10 @@ import math
 import sys
 
 from tasprune.latency_table import Key, LatencyTable
+from tasprune.plan import PlanShape
 from tasprune.settings import SearchConfig
 from tasprune.shape import Shape
 from tasprune.tas.cost import Budget, flops_budget, latency_budget, params_budget
-from tasprune.plan import PlanShape
 from tasprune.tas.space import PlanSpace, SearchSpace
 
 

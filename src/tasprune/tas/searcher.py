@@ -55,10 +55,10 @@ from tasprune.tas.cost import (
 )
 from tasprune.tas.derive import derive_in_band
 from tasprune.tas.health import Health, accuracy
-from tasprune.tas.sampling import mean_entropy, tau_at
-from tasprune.tas.step import STATS, StepOut, search_step
 from tasprune.tas.plan_supernet import PlanSuperNet
+from tasprune.tas.sampling import mean_entropy, tau_at
 from tasprune.tas.space import PlanSpace, SearchSpace
+from tasprune.tas.step import STATS, StepOut, search_step
 from tasprune.tas.supernet import SuperNet
 from tasprune.training.inherit import reorder_channels, taylor_importance
 from tasprune.training.optim import WarmupCosine, make_sgd

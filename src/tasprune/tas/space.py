@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 from tasprune.flops import DepthDist, WidthDist, count_flops, expected_flops
