@@ -1,0 +1,106 @@
+"""A network of the user's own, end to end: `tasprune prune --model FILE.py:FACTORY` on
+the bundled data, the saved model reloaded with the factory, the exports against PyTorch;
+and `tasprune.prune_model` from Python."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from helpers import synthetic_bundle
+
+from tasprune import load_pruned_model, prune_model
+from tasprune.cli import main
+from tasprune.custom import load_factory
+from tasprune.settings import SearchConfig, TrainConfig
+
+USER_FILE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(c)
+            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+    class Net(nn.Module):
+        def __init__(self, num_classes, in_channels):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 2, 1, bias=False),
+                                      nn.BatchNorm2d(16), nn.ReLU())
+            self.stage = nn.Sequential(Block(16), Block(16))
+            self.head = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1, bias=False),
+                                      nn.BatchNorm2d(32), nn.ReLU(6.0))
+            self.fc = nn.Linear(32, num_classes)
+
+        def forward(self, x):
+            x = self.head(self.stage(self.stem(x)))
+            return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+    def small_net(num_classes=10, in_channels=3):
+        return Net(num_classes, in_channels)
+''')
+
+
+@pytest.mark.slow
+def test_prune_a_user_file_from_the_command_line(tmp_path, capsys):
+    src = tmp_path / "my_models.py"
+    src.write_text(USER_FILE)
+    out = tmp_path / "run"
+    code = main(["prune", "--model", f"{src}:small_net", "--data", "demo", "--flops-ratio",
+                 "0.5", "--out", str(out), "--teacher-train-epochs", "1",
+                 "--search-epochs", "1", "--train-epochs", "1", "--latency-rounds", "1",
+                 "--latency-batch-sizes", "1", "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "pruned by tas" in printed and "report.md" in printed
+    for name in ("model.safetensors", "shape.json", "model.onnx", "model.pt2", "report.md",
+                 "summary.json", "metrics.jsonl", "search/shape.json", "teacher/model.safetensors"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.45 <= summary["flops"] / summary["full_flops"] <= 0.5
+    assert max(summary["export_max_abs_diff"].values()) < 1e-4
+    report = (out / "report.md").read_text()
+    assert "| stem.0 | 16 |" in report and "| stage.0..1 | 2 |" in report
+    model = load_pruned_model(out, f"{src}:small_net")
+    x = torch.rand(2, 1, 28, 28)
+    program = torch.export.load(str(out / "model.pt2")).module()
+    with torch.no_grad():
+        assert torch.allclose(program(x), model(x), atol=1e-4)
+    assert sum(p.numel() for p in model.parameters()) == summary["params"]
+
+
+@pytest.mark.slow
+def test_prune_model_from_python(tmp_path):
+    data = synthetic_bundle(n_train=256, n_test=64, classes=4, size=16)
+    factory = load_factory("tasprune.models.zoo:concat_net")
+    model = factory(num_classes=4, in_channels=1)
+    pruned, result = prune_model(model, data, flops_ratio=0.6,
+                                 search=SearchConfig(epochs=1, batch_size=32,
+                                                     health_images=32),
+                                 train=TrainConfig(epochs=1, batch_size=32),
+                                 out_dir=tmp_path / "mine", quiet=True)
+    assert result.flops <= 0.6 * result.full_flops
+    assert result.acc is not None and 0 <= result.acc <= 1
+    again = load_pruned_model(tmp_path / "mine", factory)
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned.eval()(x))
+
+
+def test_bad_factory_specs_say_what_is_wrong(tmp_path, capsys):
+    assert main(["prune", "--model", f"{tmp_path}/missing.py:net", "--out",
+                 str(tmp_path / "r")]) != 0
+    assert "no file" in capsys.readouterr().err
+    assert main(["prune", "--model", "tasprune.models.zoo:nothing", "--out",
+                 str(tmp_path / "r")]) != 0
+    assert "no callable 'nothing'" in capsys.readouterr().err
