@@ -9,6 +9,7 @@ reported on one line with exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import re
@@ -107,7 +108,10 @@ def _add_flops(sub: argparse._SubParsersAction) -> None:
         "per-layer table, or one JSON object with --json. Writes no files.",
     )
     p.add_argument("target", help="registered model name (see `tasprune models`), a shape.json, "
-                   "a TAS .config file, or a published TAS shape name (e.g. C010-ResNet110)")
+                   "a TAS .config file, a published TAS shape name (e.g. C010-ResNet110), or "
+                   "a network of your own as FILE.py:FACTORY or package.module:FACTORY "
+                   "(counted from its torch.fx trace; --classes default 10, --in-channels 3, "
+                   "--resolution 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--classes", type=int, help="number of classes (default: the model's)")
     p.add_argument("--resolution", type=int, help="input height = width in pixels")
@@ -115,7 +119,55 @@ def _add_flops(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_flops)
 
 
+def _custom_flops(args: argparse.Namespace) -> int:
+    from tasprune.custom import plan_of, user_model
+
+    classes, channels = args.classes or 10, args.in_channels or 3
+    resolution = args.resolution or 32
+    plan = plan_of(user_model(args.target, classes, channels), [channels, resolution,
+                                                                resolution])
+    full = plan.full()
+    flops, params = full.count("flops"), full.count("params")
+    if args.json:
+        print(json.dumps({"target": args.target, "flops": flops, "params": params,
+                          "num_classes": classes, "resolution": resolution,
+                          "in_channels": channels, "groups": len(plan.searched),
+                          "stages": [len(s) for s in plan.stages]}))
+        return 0
+    widths = full.group_widths()
+    header = f"{'layer':<34} {'kind':<6} {'in':>5} {'out':>5} {'FLOPs':>14} {'block':<14}"
+    print(header)
+    print("-" * len(header))
+    for layer in plan.layers:
+        cin = sum(widths[g] for g in layer.reads)
+        cout = cin if layer.writes is None else widths[layer.writes]
+        cost = _layer_flops(full, layer)
+        block = "" if layer.block is None else plan.blocks[layer.block].name
+        print(f"{layer.name:<34} {layer.kind:<6} {cin:>5} {cout:>5} {cost:>14,} {block:<14}")
+    print("-" * len(header))
+    print(f"{args.target}: {plan.describe()}, {classes} classes, "
+          f"{channels}x{resolution}x{resolution} input")
+    print(f"FLOPs (MACs): {flops:,} ({_fmt_count(flops)})   params: {params:,} "
+          f"({_fmt_count(params)})")
+    return 0
+
+
+def _layer_flops(full: Any, layer: Any) -> int:
+    from tasprune.plan import LayerPlan, plan_cost
+
+    plan = full.plan
+    one = LayerPlan(plan.groups, (dataclasses.replace(layer, block=None),), (),
+                    plan.input_shape, plan.num_classes)
+    widths = full.group_widths()
+    return int(plan_cost(one, widths.__getitem__, lambda a, b: widths[a] * widths[b],
+                         lambda b: 1, "flops"))
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
+    from tasprune.custom import is_factory_spec
+
+    if is_factory_spec(args.target):
+        return _custom_flops(args)
     shape = load_target_shape(args.target, args.classes, args.resolution, args.in_channels)
     layers = layer_table(shape)
     flops = int(sum(layer.flops for layer in layers))
@@ -183,11 +235,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "current step with a checkpoint. Runs on several processes under `torchrun "
         "--nproc_per_node N -m tasprune train ...` (--batch-size stays the global batch).",
     )
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="registered model name (see `tasprune models`): train "
-                      "the unpruned network")
-    what.add_argument("--shape", help="shape.json, TAS .config file or published TAS shape "
-                      "name: train that pruned network")
+    p.add_argument("--model", help="registered model name (see `tasprune models`): train "
+                   "the unpruned network; or a network of your own as FILE.py:FACTORY: "
+                   "train it (into DIR/model.safetensors, a state dict), or with --shape "
+                   "and --weights fine-tune the searched shape of those weights with KD")
+    p.add_argument("--shape", help="shape.json, TAS .config file or published TAS shape "
+                   "name: train that pruned network")
+    p.add_argument("--weights", metavar="FILE", help="with --model FILE.py:FACTORY: trained "
+                   "weights (state dict) to start from; with --shape, the searched teacher")
     p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     p.add_argument("--teacher", metavar="PATH", help="teacher for KD: a run directory, "
@@ -214,9 +269,44 @@ def log_sinks(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("log: ")) from None
 
 
+def _custom_train(args: argparse.Namespace) -> int:
+    from tasprune.custom import train_full, train_shape
+
+    if args.teacher or args.resume:
+        raise UserError("--teacher and --resume are for the registered models; a network of "
+                        "your own is distilled from --weights when --shape is given")
+    config = load_config(TrainConfig, flags=config_values(args))
+    data = _load_data(args.data, config.quiet)
+    if args.shape:
+        if not args.weights:
+            raise UserError("--shape with --model FILE.py:FACTORY needs --weights: the "
+                            "trained network the shape was searched on")
+        _, acc = train_shape(args.model, args.weights, args.shape, data, config, args.out,
+                             config.quiet)
+        print(f"{args.out}: test accuracy {100 * acc:.2f}% after {config.epochs} epochs")
+        print(f"wrote {args.out}/model.safetensors + shape.json (load with "
+              "tasprune.load_pruned_model), model.onnx, model.pt2, metrics.jsonl")
+        return 0
+    acc = train_full(args.model, data, config, args.out, args.weights, config.quiet)
+    print(f"{args.out}: test accuracy {100 * acc:.2f}% after {config.epochs} epochs")
+    print(f"wrote {args.out}/model.safetensors (a state dict: pass it as --weights) and "
+          "metrics.jsonl")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from tasprune.custom import is_factory_spec
     from tasprune.export import load_model
     from tasprune.training.trainer import train
+
+    if args.model and is_factory_spec(args.model):
+        return _custom_train(args)
+    if (args.model is None) == (args.shape is None):
+        raise UserError("give one of --model (the unpruned network) or --shape (a pruned "
+                        "one)")
+    if args.weights:
+        raise UserError("--weights goes with --model FILE.py:FACTORY; a registered model "
+                        "distils from --teacher")
 
     if args.teacher is None and (given(args, "kd_alpha") is not None
                                  or given(args, "kd_temperature") is not None):
@@ -286,7 +376,12 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         "several processes: `torchrun --nproc_per_node N -m tasprune search ...` (--batch-size "
         "stays the global batch; rank 0 writes the files).",
     )
-    p.add_argument("--model", required=True, help="registered model name (see `tasprune models`)")
+    p.add_argument("--model", required=True, help="registered model name (see `tasprune "
+                   "models`), or a network of your own as FILE.py:FACTORY or "
+                   "package.module:FACTORY (called with num_classes=, in_channels=; give "
+                   "its trained weights with --weights)")
+    p.add_argument("--weights", metavar="FILE", help="trained weights of a FILE.py:FACTORY "
+                   "model: a state dict (.safetensors, .pt or .pth), loaded strictly")
     p.add_argument("--data", required=True, help=DATA_SPEC_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to write")
     p.add_argument("--teacher", metavar="PATH", help="start the supernet from this trained "
@@ -300,7 +395,30 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_search, writes_run="search")
 
 
+def _custom_search(args: argparse.Namespace, config: SearchConfig, data: DataBundle) -> int:
+    from tasprune.custom import plan_of, user_model
+    from tasprune.surgery import reorder
+    from tasprune.tas.searcher import search
+
+    if not args.weights:
+        raise UserError(f"--model {args.model}: a network of your own is searched from its "
+                        "trained weights: give --weights FILE (or run `tasprune prune`, "
+                        "which trains them)")
+    model = user_model(args.model, data.num_classes, data.in_channels, args.weights)
+    plan = plan_of(model, data)
+    result = search(plan.full(), data, config, args.out, teacher=reorder(model, plan),
+                    resume=args.resume, quiet=args.quiet)
+    print(f"{args.out}: searched {result.shape.describe()}: FLOPs "
+          f"{_fmt_count(result.flops)} = {result.flops / result.full_flops:.3f} of the "
+          f"unpruned {args.model}, params {_fmt_count(result.params)}")
+    print(f"wrote {args.out}/shape.json (the shape: train it with `tasprune train --model "
+          f"{args.model} --weights {args.weights} --shape {args.out}/shape.json`), "
+          "metrics.jsonl, search.pt")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    from tasprune.custom import is_factory_spec
     from tasprune.export import load_model
     from tasprune.phase import SEARCH_CHECKPOINT
     from tasprune.tas.budgets import check_budget, space_of
@@ -311,6 +429,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         check_resume(args.out, SEARCH_CHECKPOINT)
     config = load_config(SearchConfig, flags=_budget_alone(config_values(args), ""))
     data = _load_data(args.data, args.quiet)
+    if is_factory_spec(args.model):
+        return _custom_search(args, config, data)
+    if args.weights:
+        raise UserError("--weights goes with --model FILE.py:FACTORY; a registered model "
+                        "starts from --teacher")
     full = Shape.full(args.model, num_classes=data.num_classes, in_channels=data.in_channels,
                       resolution=data.resolution)
     if config.flops_ratio is not None:  # first, to name the reachable range
@@ -604,7 +727,7 @@ def _run_prune(recipe: str | None, flags: dict[str, Any], overrides: list[str], 
 def _run_custom(config: Any, out: str, quiet: bool) -> int:
     from tasprune.custom import run_prune
 
-    summary = run_prune(config, out, config.weights, quiet)
+    summary = run_prune(config, out, config.weights, quiet, _load_data(config.data, quiet))
     flops = summary["flops"] / summary["full_flops"]
     params = summary["params"] / summary["full_params"]
     acc = "" if summary["acc"] is None else f", test accuracy {summary['acc']:.4f}"

@@ -57,7 +57,7 @@ def load_factory(spec: str) -> Factory:
     if where.endswith(".py"):
         path = Path(where)
         if not path.is_file():
-            raise FileNotFoundError(f"--model {spec!r}: no file {path}")
+            raise ValueError(f"--model {spec!r}: no file {path}")
         module_name = f"tasprune_user_{abs(hash(str(path.resolve())))}"
         loader = importlib.util.spec_from_file_location(module_name, path)
         assert loader is not None and loader.loader is not None
@@ -99,7 +99,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     `model`, strictly (every key, every shape)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--weights {path}: no such file")
+        raise ValueError(f"--weights {path}: no such file")
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -369,17 +369,18 @@ def export_formats(model: nn.Module, out_dir: str | os.PathLike[str],
 
 # the command line's job -----------------------------------------------------------------
 def run_prune(config: Any, out_dir: str | os.PathLike[str], weights: str | None = None,
-              quiet: bool = False) -> dict[str, Any]:
+              quiet: bool = False, data: DataBundle | None = None) -> dict[str, Any]:
     """`tasprune prune --model FILE.py:FACTORY`: build the network for the data, load
     `weights` (or train it with `config.teacher_train`), prune it by `config.method`,
     export ONNX and .pt2 (checked against PyTorch), time dense against pruned, and write
-    report.md. `config` is a PruneConfig. Returns the summary (also summary.json)."""
+    report.md. `config` is a PruneConfig; `data` the loaded `config.data` (loaded here
+    when None). Returns the summary (also summary.json)."""
     from tasprune.data import load_data
     from tasprune.latency import paired_latency
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_data(config.data, quiet=quiet)
+    data = data if data is not None else load_data(config.data, quiet=quiet)
     model = build(load_factory(config.model), data.num_classes, data.in_channels)
     plan_of(model, data)  # refuse an unprunable network before any training
     if weights:
@@ -466,3 +467,49 @@ def write_report(path: Path, result: PruneModelResult, summary: dict[str, Any]) 
               "- model.onnx, model.pt2: load without your code; largest difference from "
               "PyTorch's logits: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())]
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+
+
+def user_model(spec: str, num_classes: int, in_channels: int,
+               weights: str | os.PathLike[str] | None = None) -> nn.Module:
+    """The network a `--model FILE.py:FACTORY` names, built for the data, with `weights`
+    loaded when given (eval mode)."""
+    model = build(load_factory(spec), num_classes, in_channels)
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def train_shape(spec: str, weights: str | os.PathLike[str], shape_path: str | os.PathLike[str],
+                data: DataBundle, config: TrainConfig, out_dir: str | os.PathLike[str],
+                quiet: bool = False) -> tuple[nn.Module, float]:
+    """`tasprune train --model FILE.py:FACTORY --weights W --shape S`: the network of
+    `weights` (the searched teacher) sorted as the search sorted it, cut to the shape of
+    `shape_path` (a search's shape.json) and fine-tuned with KD from it into `out_dir`
+    (model.safetensors, shape.json, metrics.jsonl, model.onnx, model.pt2)."""
+    out = Path(out_dir)
+    teacher = user_model(spec, data.num_classes, data.in_channels, weights)
+    plan = plan_of(teacher, data)
+    try:
+        shape = PlanShape.from_dict(plan, json.loads(Path(shape_path).read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--shape {shape_path}: cannot be read ({err})") from None
+    teacher = reorder(teacher, plan)
+    model, acc = fine_tune(shrink(teacher, shape), teacher, data, config, out, quiet)
+    save_pruned_model(out, model, shape)
+    export_formats(model.cpu(), out, (data.in_channels, data.resolution, data.resolution))
+    return model, acc
+
+
+def train_full(spec: str, data: DataBundle, config: TrainConfig,
+               out_dir: str | os.PathLike[str], weights: str | None = None,
+               quiet: bool = False) -> float:
+    """`tasprune train --model FILE.py:FACTORY`: train the unpruned network (from `weights`
+    when given) into `out_dir/model.safetensors` (a plain state dict: the --weights of
+    prune and search). Returns its test accuracy."""
+    out = Path(out_dir)
+    model = user_model(spec, data.num_classes, data.in_channels, weights)
+    plan_of(model, data)  # refuse an unprunable network before training it
+    model, acc = fine_tune(model, None, data, config, out, quiet, phase="train")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    return acc

@@ -28,6 +28,7 @@ from tasprune import cli
 from tasprune.data.idx import write_idx
 from tasprune.export import save_pruned
 from tasprune.models import build_model
+from tasprune.models.zoo import concat_net, resnet18
 from tasprune.shape import PAPER_SHAPES_DIR, Shape
 from tasprune.training.trainer import TrainConfig, train
 
@@ -166,6 +167,26 @@ def _make_files(root: Path) -> dict[str, str]:
                                     "model: resnet20\nsearch:\n  epochz: 3\n")
     f["recipe_malformed"] = _json(root / "malformed.yaml", "model: [resnet20\nsearch: {\n")
     f["afile"] = _json(root / "afile.txt", "not a directory\n")
+
+    # networks of your own
+    user = root / "user_models.py"
+    user.write_text(
+        "from torch import nn\n\n\n"
+        "class Dynamic(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(1, 4, 3)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x) if x.sum() > 0 else x\n\n\n"
+        "def dynamic(num_classes=10, in_channels=1):\n"
+        "    return Dynamic()\n\n\n"
+        "def no_arguments():\n"
+        "    return nn.Conv2d(1, 1, 1)\n")
+    f["usermodels"] = str(user)
+    f["r18weights"] = str(root / "resnet18.pth")
+    torch.save(resnet18(num_classes=10, in_channels=1).state_dict(), f["r18weights"])
+    f["concatweights"] = str(root / "concat.safetensors")
+    save_file(concat_net(num_classes=10, in_channels=1).state_dict(), f["concatweights"])
     return f
 
 
@@ -402,6 +423,23 @@ CASES = [
      ["search amp fp16 needs a CUDA device"], "out"),
     ("export-hf-into-the-run", ["export", "{target}", "--format", "hf", "--out", "{target}"],
      ["is the run directory itself"], "run20"),
+    # a network of your own (--model FILE.py:FACTORY)
+    ("own-model-missing-file", ["prune", "--model", "{out}/nothere.py:net", "--out", "{out}"],
+     ["nothere.py:net", "no file"], "out"),
+    ("own-model-no-callable", ["prune", "--model", "tasprune.models.zoo:nothing", "--out",
+                               "{out}"], ["no callable 'nothing'"], "out"),
+    ("own-model-untraceable", ["flops", "{usermodels}:dynamic"],
+     ["Dynamic cannot be traced by torch.fx"], None),
+    ("own-model-factory-arguments", ["flops", "{usermodels}:no_arguments"],
+     ["must accept num_classes= and in_channels="], None),
+    ("own-model-weights-of-another-net", ["search", "--model", "tasprune.models.zoo:resnet50",
+                                          "--weights", "{r18weights}", *T, "--out", "{out}"],
+     ["resnet18.pth"], "out"),
+    ("own-model-search-without-weights", ["search", "--model", "tasprune.models.zoo:concat_net",
+                                          *T, "--out", "{out}"], ["give --weights FILE"], "out"),
+    ("own-model-latency-budget", ["search", "--model", "tasprune.models.zoo:concat_net",
+                                  "--weights", "{concatweights}", "--latency-ratio", "0.5", *T,
+                                  "--out", "{out}"], ["a latency budget needs"], "out"),
     # --resume with nothing to resume
     ("train-resume-nothing", ["train", "--model", "resnet8", *S, "--resume", "--out", "{out}"],
      ["has no train.pt to resume", "run without --resume"], "out"),

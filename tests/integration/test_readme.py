@@ -104,6 +104,12 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tasprune.cli, "load_data", data)
     monkeypatch.setattr(tasprune.pipeline, "load_data", data)
     monkeypatch.chdir(tmp_path)
+    # the user's file the "Your own network" commands name
+    (tmp_path / "my_models.py").write_text(
+        "from tasprune.models import zoo\n\n\n"
+        "def mobilenet_v2(num_classes=10, in_channels=3):\n"
+        "    return zoo.mobilenet_v2(num_classes=num_classes, in_channels=in_channels,\n"
+        "                            width_mult=0.35, small_input=False)\n")
     monkeypatch.setenv("TASPRUNE_CACHE", str(tmp_path / "cache"))  # latency tables
     ran = 0
     for command in _ordered(readme_commands()):
@@ -131,3 +137,6 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
         exec(compile(block, "README.md", "exec"), {})  # noqa: S102
     assert (tmp_path / "runs" / "search-py" / "shape.json").is_file()
     assert (tmp_path / "runs" / "demo-py" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "mnv2-50" / "model.pt2").is_file()
+    assert (tmp_path / "runs" / "mnv2-p" / "shape.json").is_file()
+    assert (tmp_path / "runs" / "mine" / "model.safetensors").is_file()
