@@ -64,8 +64,23 @@ def _check_ratios(ratios: Sequence[float]) -> None:
         raise ValueError(f"width ratios must be in (0, 1], got {bad}")
 
 
+class _Counts:
+    """How many width rows and depth rows a space has."""
+
+    widths: tuple[tuple[int, ...], ...]
+    depths: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.widths)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+
 @dataclass(frozen=True)
-class SearchSpace:
+class SearchSpace(_Counts):
     """Width choices of every conv slot and depth choices of every stage of `full`."""
 
     full: Shape
@@ -96,14 +111,6 @@ class SearchSpace:
     def coupled(self) -> bool:
         """Whether some slots take another slot's choice."""
         return any(t != s for s, t in enumerate(self.ties))
-
-    @property
-    def num_slots(self) -> int:
-        return len(self.widths)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.depths)
 
     def shape(self, width_index: Sequence[int], depth_index: Sequence[int]) -> Shape:
         """The Shape that picks choice `width_index[l]` of every slot and `depth_index[s]`
@@ -183,7 +190,7 @@ def used_slots(shape: Shape) -> set[int]:
 
 
 @dataclass(frozen=True)
-class PlanSpace:
+class PlanSpace(_Counts):
     """Width choices of every searched channel group and kept-block choices of every stage
     of a planned network (`tasprune.plan`): what `SearchSpace` is for the built-in
     ResNets. A stage of `M` skippable blocks keeps k of them for k + 1 in
@@ -207,14 +214,6 @@ class PlanSpace:
                        for g in plan.searched)
         depths = tuple(tuple(d - 1 for d in depth_choices(len(s) + 1)) for s in plan.stages)
         return cls(full=plan.full(), widths=widths, depths=depths)
-
-    @property
-    def num_slots(self) -> int:
-        return len(self.widths)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.depths)
 
     @staticmethod
     def expected_flops(plan: LayerPlan, widths: Sequence[WidthDist],
