@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 import torch
-from helpers import synthetic_bundle
 
+from helpers import synthetic_bundle
 from tasprune import load_pruned_model, prune_model
 from tasprune.cli import main
 from tasprune.custom import load_factory

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import counter_macs
 from torch import nn
 
+from helpers import counter_macs
 from tasprune import PlanError, Shape, count_flops, count_params, create_model
 from tasprune.custom import build, load_weights, plan_of, uniform_shape
 from tasprune.flops import DepthDist, WidthDist
