@@ -104,3 +104,27 @@ def test_bad_factory_specs_say_what_is_wrong(tmp_path, capsys):
     assert main(["prune", "--model", "tasprune.models.zoo:nothing", "--out",
                  str(tmp_path / "r")]) != 0
     assert "no callable 'nothing'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_search_and_train_phase_by_phase_and_resume(tmp_path, capsys):
+    src = tmp_path / "my_models.py"
+    src.write_text(USER_FILE)
+    spec = f"{src}:small_net"
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(load_factory(spec)(num_classes=10, in_channels=1).state_dict(), weights)
+    search = ["search", "--model", spec, "--weights", str(weights), "--data", "demo",
+              "--epochs", "1", "--batch-size", "128", "--health-images", "64", "--quiet",
+              "--out", str(tmp_path / "s")]
+    assert main(search) == 0
+    first = json.loads((tmp_path / "s" / "shape.json").read_text())
+    assert main([*search, "--resume"]) == 0  # a finished search resumes to the same shape
+    assert json.loads((tmp_path / "s" / "shape.json").read_text()) == first
+    assert main(["train", "--model", spec, "--weights", str(weights), "--shape",
+                 str(tmp_path / "s" / "shape.json"), "--data", "demo", "--epochs", "1",
+                 "--quiet", "--out", str(tmp_path / "p")]) == 0
+    model = load_pruned_model(tmp_path / "p", spec)
+    assert sum(p.numel() for p in model.parameters()) < sum(
+        p.numel() for p in load_factory(spec)(num_classes=10, in_channels=1).parameters())
+    assert "test accuracy" in capsys.readouterr().out
