@@ -15,6 +15,7 @@ files (`export_formats`) load without the user's code.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -160,12 +161,14 @@ class PruneModelResult:
         return line
 
 
-def prune_model(model: nn.Module, data: DataBundle, flops_ratio: float | None = 0.5,
+def prune_model(model: nn.Module, data: DataBundle, flops_ratio: float | None = None,
                 params_ratio: float | None = None, *, search: SearchConfig | None = None,
                 train: TrainConfig | None = None, out_dir: str | os.PathLike[str] = "runs/mine",
                 method: str = "tas", quiet: bool = False) -> tuple[nn.Module, PruneModelResult]:
-    """Prune `model` (trained, any traceable CNN) to `flops_ratio` of its FLOPs (and/or
-    `params_ratio` of its parameters) on `data`; returns the pruned module and the result.
+    """Prune `model` (trained, any traceable CNN) to `flops_ratio` of its FLOPs and/or
+    `params_ratio` of its parameters on `data` (given either, they replace the budgets of
+    `search`; given neither, those of `search` hold, by default half the FLOPs); returns
+    the pruned module and the result.
 
     Sorts every channel group by importance (`tasprune.surgery.reorder`, which leaves
     the function unchanged), runs the TAS search (`search`: a `SearchConfig`, whose
@@ -181,9 +184,9 @@ def prune_model(model: nn.Module, data: DataBundle, flops_ratio: float | None = 
     from tasprune.tas.searcher import search as run_search
 
     out = Path(out_dir)
-    config = search or SearchConfig(flops_ratio=flops_ratio, params_ratio=params_ratio)
-    if search is not None and (flops_ratio, params_ratio) != (0.5, None):
-        config = _replace(search, flops_ratio=flops_ratio, params_ratio=params_ratio)
+    config = search or SearchConfig()
+    if flops_ratio is not None or params_ratio is not None:
+        config = dataclasses.replace(config, flops_ratio=flops_ratio, params_ratio=params_ratio)
     if method not in ("tas", "uniform", "l1"):
         raise ValueError(f"method {method!r}: a network of your own is pruned by tas, uniform "
                          "or l1")
@@ -266,12 +269,6 @@ def _fresh(model: nn.Module, seed: int) -> nn.Module:
         if hasattr(m, "reset_parameters") and m is not model:
             m.reset_parameters()
     return model
-
-
-def _replace(config: SearchConfig, **changes: Any) -> SearchConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 def fine_tune(model: nn.Module, teacher: nn.Module | None, data: DataBundle,
@@ -378,6 +375,12 @@ def run_prune(config: Any, out_dir: str | os.PathLike[str], weights: str | None 
     from tasprune.data import load_data
     from tasprune.latency import paired_latency
 
+    if config.teacher:
+        raise ValueError("teacher names a tasprune run of a registered model; the trained "
+                         "weights of a FILE.py:FACTORY network are given with --weights")
+    if config.method not in ("tas", "uniform", "l1"):
+        raise ValueError(f"method {config.method}: a network of your own is pruned by tas, "
+                         "uniform or l1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = data if data is not None else load_data(config.data, quiet=quiet)
@@ -391,10 +394,8 @@ def run_prune(config: Any, out_dir: str | os.PathLike[str], weights: str | None 
                              phase="teacher")
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(teacher_dir / WEIGHTS))
-    pruned, result = prune_model(model, data, config.search.flops_ratio,
-                                 config.search.params_ratio, search=config.search,
-                                 train=config.train, out_dir=out, method=config.method,
-                                 quiet=quiet)
+    pruned, result = prune_model(model, data, search=config.search, train=config.train,
+                                 out_dir=out, method=config.method, quiet=quiet)
     input_shape = (data.in_channels, data.resolution, data.resolution)
     files = export_formats(pruned.cpu(), out, input_shape)
     check = check_exports(pruned.cpu(), files, input_shape)

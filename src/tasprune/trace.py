@@ -17,7 +17,7 @@ module and the operation.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -378,7 +378,7 @@ class _Builder:
         return LayerPlan(plan_groups, tuple(layers), tuple(blocks), self.input_shape,
                          self.num_classes)
 
-    def _blocks(self, canon: object) -> list[Block]:
+    def _blocks(self, canon: Callable[[int], int]) -> list[Block]:
         """Skippable blocks (the innermost ones), numbered into stages of consecutive
         siblings."""
         nodes = [n for n in self.graph.graph.nodes if n.op not in ("placeholder", "output")]
@@ -404,7 +404,7 @@ class _Builder:
             last = (parent, leaf)
         return blocks
 
-    def _skippable(self, region: list[fx.Node], canon: object) -> bool:
+    def _skippable(self, region: list[fx.Node], canon: Callable[[int], int]) -> bool:
         inside = set(region)
         inputs = {a for n in region for a in n.all_input_nodes
                   if a not in inside and self.values.get(a) is not None}
@@ -417,7 +417,6 @@ class _Builder:
             return False
         if _channels(x) != _channels(out):
             return False
-        assert callable(canon)
         if [canon(g) for g in vin.groups] != [canon(g) for g in vout.groups]:
             return False
         return any(x in n.args and (n.target in _BINARY or n.target in _BINARY_METHODS)

@@ -250,11 +250,11 @@ class PlanSuperNet(Distributions):
                         _check(key, value, target.shape)
                         target.copy_(value)
                         continue
+                    _check(key, value, (sum(self.ctx.full[r] for r in layer.reads),))
                     offset = 0
                     for g, part in zip(layer.reads, module.parts, strict=True):
                         size = self.ctx.full[g]
                         piece = value[offset: offset + size]
-                        _check(key, value, (sum(self.ctx.full[r] for r in layer.reads),))
                         for row, c in enumerate(part.choices):
                             getattr(part, name)[row, :c].copy_(piece[:c])
                         offset += size
