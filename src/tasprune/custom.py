@@ -35,6 +35,7 @@ from tasprune._io import append_jsonl, atomic_write
 from tasprune.checkpoint import load_state_checked
 from tasprune.data.source import DataBundle
 from tasprune.export import export_onnx, export_pt2
+from tasprune.phase import SEARCH_CHECKPOINT
 from tasprune.plan import LayerPlan, PlanShape, read_module_widths
 from tasprune.settings import SearchConfig, TrainConfig
 from tasprune.surgery import reorder, resize_modules, shrink
@@ -176,6 +177,8 @@ def prune_model(model: nn.Module, data: DataBundle, flops_ratio: float | None = 
     derived shape keeping the first channels of every group, and fine-tunes it with
     distillation from `model` for `train.epochs` (no fine-tuning when `train` is None).
     Writes `out_dir/model.safetensors`, `out_dir/shape.json` and `out_dir/metrics.jsonl`.
+    Run again into the same `out_dir`, it continues the search from its checkpoint (same
+    settings) and fine-tunes anew.
 
     `method` "uniform" and "l1" are the baselines at the same FLOP budget: one width
     ratio for every group, all blocks kept (`uniform_shape`); "uniform" trains it from
@@ -194,8 +197,10 @@ def prune_model(model: nn.Module, data: DataBundle, flops_ratio: float | None = 
     history: list[dict[str, Any]] = []
     if method == "tas":
         model = reorder(model.eval(), plan)
+        # a rerun continues (or re-derives) the search of an earlier one
+        resume = (out / "search" / SEARCH_CHECKPOINT).is_file()
         result = run_search(plan.full(), data, config, out / "search", teacher=model,
-                            quiet=quiet)
+                            resume=resume, quiet=quiet)
         shape = result.shape
         history = result.history
         pruned = shrink(model, shape)
@@ -368,7 +373,8 @@ def export_formats(model: nn.Module, out_dir: str | os.PathLike[str],
 def run_prune(config: Any, out_dir: str | os.PathLike[str], weights: str | None = None,
               quiet: bool = False, data: DataBundle | None = None) -> dict[str, Any]:
     """`tasprune prune --model FILE.py:FACTORY`: build the network for the data, load
-    `weights` (or train it with `config.teacher_train`), prune it by `config.method`,
+    `weights` (or train it with `config.teacher_train`, once: a rerun takes the teacher it
+    trained and continues the search), prune it by `config.method`,
     export ONNX and .pt2 (checked against PyTorch), time dense against pruned, and write
     report.md. `config` is a PruneConfig; `data` the loaded `config.data` (loaded here
     when None). Returns the summary (also summary.json)."""
@@ -386,14 +392,16 @@ def run_prune(config: Any, out_dir: str | os.PathLike[str], weights: str | None 
     data = data if data is not None else load_data(config.data, quiet=quiet)
     model = build(load_factory(config.model), data.num_classes, data.in_channels)
     plan_of(model, data)  # refuse an unprunable network before any training
+    trained = out / "teacher" / WEIGHTS
     if weights:
         load_weights(model, weights)
+    elif trained.is_file():  # a rerun: the teacher an earlier run trained
+        load_weights(model, trained)
     else:
-        teacher_dir = out / "teacher"
-        model, _ = fine_tune(model, None, data, config.teacher_train, teacher_dir, quiet,
+        model, _ = fine_tune(model, None, data, config.teacher_train, trained.parent, quiet,
                              phase="teacher")
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(teacher_dir / WEIGHTS))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(trained, lambda tmp: save_file(state, str(tmp)))
     pruned, result = prune_model(model, data, search=config.search, train=config.train,
                                  out_dir=out, method=config.method, quiet=quiet)
     input_shape = (data.in_channels, data.resolution, data.resolution)

@@ -128,3 +128,21 @@ def test_search_and_train_phase_by_phase_and_resume(tmp_path, capsys):
     assert sum(p.numel() for p in model.parameters()) < sum(
         p.numel() for p in load_factory(spec)(num_classes=10, in_channels=1).parameters())
     assert "test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_rerun_of_prune_takes_the_teacher_and_the_search_it_made(tmp_path, capsys):
+    src = tmp_path / "my_models.py"
+    src.write_text(USER_FILE)
+    argv = ["prune", "--model", f"{src}:small_net", "--data", "demo", "--flops-ratio", "0.5",
+            "--out", str(tmp_path / "run"), "--teacher-train-epochs", "1", "--search-epochs",
+            "1", "--train-epochs", "0", "--latency-rounds", "1", "--latency-batch-sizes", "1",
+            "--quiet"]
+    assert main(argv) == 0
+    teacher = (tmp_path / "run" / "teacher" / "model.safetensors").read_bytes()
+    shape = (tmp_path / "run" / "shape.json").read_text()
+    assert main(argv) == 0
+    assert (tmp_path / "run" / "teacher" / "model.safetensors").read_bytes() == teacher
+    assert (tmp_path / "run" / "shape.json").read_text() == shape
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert metrics.count('"phase": "teacher"') == 1  # trained once
