@@ -136,7 +136,7 @@ def test_a_rerun_of_prune_takes_the_teacher_and_the_search_it_made(tmp_path, cap
     src.write_text(USER_FILE)
     argv = ["prune", "--model", f"{src}:small_net", "--data", "demo", "--flops-ratio", "0.5",
             "--out", str(tmp_path / "run"), "--teacher-train-epochs", "1", "--search-epochs",
-            "1", "--train-epochs", "0", "--latency-rounds", "1", "--latency-batch-sizes", "1",
+            "1", "--train-epochs", "1", "--latency-rounds", "1", "--latency-batch-sizes", "1",
             "--quiet"]
     assert main(argv) == 0
     teacher = (tmp_path / "run" / "teacher" / "model.safetensors").read_bytes()
