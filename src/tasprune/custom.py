@@ -376,6 +376,7 @@ def run_prune(config: Any, out_dir: str | os.PathLike[str], weights: str | None 
     when None). Returns the summary (also summary.json)."""
     from tasprune.data import load_data
     from tasprune.latency import paired_latency
+    from tasprune.pipeline import check_saved_config, save_run_config
 
     if config.teacher:
         raise ValueError("teacher names a tasprune run of a registered model; the trained "
@@ -384,10 +385,12 @@ def run_prune(config: Any, out_dir: str | os.PathLike[str], weights: str | None 
         raise ValueError(f"method {config.method}: a network of your own is pruned by tas, "
                          "uniform or l1")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_saved_config(config, out)
     data = data if data is not None else load_data(config.data, quiet=quiet)
     model = build(load_factory(config.model), data.num_classes, data.in_channels)
     plan_of(model, data)  # refuse an unprunable network before any training
+    out.mkdir(parents=True, exist_ok=True)
+    save_run_config(config, out)  # makes `out` a prune run: a rerun continues it
     trained = out / "teacher" / WEIGHTS
     if weights:
         load_weights(model, weights)

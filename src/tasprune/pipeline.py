@@ -139,6 +139,33 @@ def _read_saved_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def check_saved_config(config: PruneConfig, out: Path) -> None:
+    """Refuse to continue a prune run in `out` whose saved config.yaml was edited or holds
+    other settings than `config` (runtime ones aside)."""
+    saved = out / CONFIG_FILE
+    if not saved.is_file():
+        return
+    marker = out / MARKER_FILE
+    if marker.is_file() and read_json(marker).get("config_sha256") != _sha256(saved):
+        raise ConfigError(f"{saved} was edited after the run wrote it, so it no longer "
+                          "describes the run's results; restore it, or choose another "
+                          "--out for new settings")
+    diff = _differences(_with_added_keys(_read_saved_config(saved)), config)
+    if diff:
+        raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diff[:3])}); "
+                          "choose another --out, or delete the directory to start over")
+
+
+def save_run_config(config: PruneConfig, out: Path) -> None:
+    """Write config.yaml and the run.json marker that makes `out` a prune run, once: a rerun
+    (settings equal but for runtime ones) writes nothing, even on a read-only share."""
+    saved = out / CONFIG_FILE
+    if not saved.is_file():
+        save_config(config, saved)
+        atomic_write_text(out / MARKER_FILE, json.dumps(
+            {"kind": "prune", "config_sha256": _sha256(saved)}) + "\n")
+
+
 def _log(quiet: bool, message: str) -> None:
     if not quiet:
         print(f"[tasprune] {message}", file=sys.stderr, flush=True)
@@ -229,17 +256,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     data = load_data(config.data, quiet=quiet)
     full = Shape.full(config.model, num_classes=data.num_classes,
                       in_channels=data.in_channels, resolution=data.resolution)
-    saved = out / CONFIG_FILE
-    if saved.is_file():
-        marker = out / MARKER_FILE
-        if marker.is_file() and read_json(marker).get("config_sha256") != _sha256(saved):
-            raise ConfigError(f"{saved} was edited after the run wrote it, so it no longer "
-                              "describes the run's results; restore it, or choose another "
-                              "--out for new settings")
-        diff = _differences(_with_added_keys(_read_saved_config(saved)), config)
-        if diff:
-            raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diff[:3])}); "
-                              "choose another --out, or delete the directory to start over")
+    check_saved_config(config, out)
     # every check that can fail comes before the first file is written and the first epoch
     for phase in ("teacher_train", "search", "train"):
         try:
@@ -252,10 +269,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         out.mkdir(exist_ok=True)
         if teacher is not None:
             _keep_teacher(given, out / "teacher")
-        if not saved.is_file():  # written once: a rerun (settings equal but for runtime
-            save_config(config, saved)  # ones) writes nothing, even on a read-only share
-            atomic_write_text(out / MARKER_FILE, json.dumps(
-                {"kind": "prune", "config_sha256": _sha256(saved)}) + "\n")
+        save_run_config(config, out)
     dist.barrier()
 
     if given is not None:

@@ -144,5 +144,10 @@ def test_a_rerun_of_prune_takes_the_teacher_and_the_search_it_made(tmp_path, cap
     assert main(argv) == 0
     assert (tmp_path / "run" / "teacher" / "model.safetensors").read_bytes() == teacher
     assert (tmp_path / "run" / "shape.json").read_text() == shape
-    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
-    assert metrics.count('"phase": "teacher"') == 1  # trained once
+    metrics = (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text()
+    assert metrics.count('"phase": "teacher"') == 1  # trained once (1 epoch)
+    assert (tmp_path / "run" / "config.yaml").is_file()  # a prune run, which a rerun continues
+    capsys.readouterr()
+    other = [("0.4" if a == "0.5" else a) for a in argv]
+    assert main(other) == 2  # other settings: refused before any work
+    assert "holds a run with other settings" in capsys.readouterr().err
