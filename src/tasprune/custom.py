@@ -35,7 +35,7 @@ from tasprune._io import append_jsonl, atomic_write
 from tasprune.checkpoint import load_state_checked
 from tasprune.data.source import DataBundle
 from tasprune.export import export_onnx, export_pt2
-from tasprune.phase import SEARCH_CHECKPOINT
+from tasprune.phase import SEARCH_CHECKPOINT, has_checkpoint
 from tasprune.plan import LayerPlan, PlanShape, read_module_widths
 from tasprune.settings import SearchConfig, TrainConfig
 from tasprune.surgery import reorder, resize_modules, shrink
@@ -47,6 +47,7 @@ from tasprune.training.optim import WarmupCosine, make_sgd
 Factory = Callable[..., nn.Module]
 WEIGHTS = "model.safetensors"
 SHAPE = "shape.json"
+METHODS = ("tas", "uniform", "l1")  # how a network of your own can be pruned
 
 
 # the user's network ---------------------------------------------------------------------
@@ -190,15 +191,13 @@ def prune_model(model: nn.Module, data: DataBundle, flops_ratio: float | None = 
     config = search or SearchConfig()
     if flops_ratio is not None or params_ratio is not None:
         config = dataclasses.replace(config, flops_ratio=flops_ratio, params_ratio=params_ratio)
-    if method not in ("tas", "uniform", "l1"):
-        raise ValueError(f"method {method!r}: a network of your own is pruned by tas, uniform "
-                         "or l1")
+    _check_method(method)
     plan = plan_of(model, data)
     history: list[dict[str, Any]] = []
     if method == "tas":
         model = reorder(model.eval(), plan)
         # a rerun continues (or re-derives) the search of an earlier one
-        resume = (out / "search" / SEARCH_CHECKPOINT).is_file()
+        resume = has_checkpoint(out / "search" / SEARCH_CHECKPOINT)
         result = run_search(plan.full(), data, config, out / "search", teacher=model,
                             resume=resume, quiet=quiet)
         shape = result.shape
@@ -265,6 +264,12 @@ def l1_importance(model: nn.Module, plan: LayerPlan) -> dict[int, torch.Tensor]:
             g = layer.writes
             scores[g] = scores.get(g, 0) + w.abs().flatten(1).sum(1)
     return scores
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: a network of your own is pruned by "
+                         f"{', '.join(METHODS)}")
 
 
 def _fresh(model: nn.Module, seed: int) -> nn.Module:
@@ -381,9 +386,7 @@ def run_prune(config: Any, out_dir: str | os.PathLike[str], weights: str | None 
     if config.teacher:
         raise ValueError("teacher names a tasprune run of a registered model; the trained "
                          "weights of a FILE.py:FACTORY network are given with --weights")
-    if config.method not in ("tas", "uniform", "l1"):
-        raise ValueError(f"method {config.method}: a network of your own is pruned by tas, "
-                         "uniform or l1")
+    _check_method(config.method)
     out = Path(out_dir)
     check_saved_config(config, out)
     data = data if data is not None else load_data(config.data, quiet=quiet)
