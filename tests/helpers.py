@@ -17,8 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tasprune.data.cifar import LAYOUTS
 from tasprune.data.integrity import md5_file
 from tasprune.data.source import BatchTransform, DataBundle, TensorImages
-from tasprune.models import build_model
-from tasprune.shape import Shape
+from tasprune.models import Shape
+from tasprune.models.network import build_model
 
 # the settings of a prune run of seconds (on top of a recipe or the defaults)
 TINY = ["teacher_train.epochs=1", "search.epochs=2", "train.epochs=1",
@@ -177,3 +177,19 @@ def write_cifar(root, name="cifar10", per_file=4, seed=0):
     py2_dump({layout.names_key.encode(): names, b"num_cases_per_batch": per_file},
               directory / layout.meta_file)
     return {file: md5_file(directory / file) for file in layout.files}
+
+
+def network(name="resnet8", classes=4, in_channels=1, resolution=12, free=True):
+    """The unpruned module of a registered network and its plan (free shortcuts: the TAS
+    paper's space)."""
+    from tasprune.models.network import full_network
+    from tasprune.net.plan import ModelSpec
+
+    return full_network(ModelSpec(name, classes, in_channels, resolution), free=free)
+
+
+def space_of(name="resnet8", classes=4, in_channels=1, resolution=12, free=True, **kw):
+    """The search space of a registered network (keywords: ratios, multiple_of)."""
+    from tasprune.tas.space import SearchSpace
+
+    return SearchSpace.from_plan(network(name, classes, in_channels, resolution, free)[1], **kw)

@@ -1,37 +1,36 @@
 """tasprune: prune CNNs to a FLOP, parameter or latency budget by Transformable
 Architecture Search.
 
-The three phases and the whole job, as the command line runs them:
-`prune(config, out_dir)` (teacher, search, KD training, evaluation, report),
-`search(shape_full, data, config, out_dir)` and `train(shape, data, config, out_dir)`,
-each configured by its dataclass (`PruneConfig`, `SearchConfig`, `TrainConfig`; the
-command line's flags are generated from their fields).
-
-A network of your own (any CNN torch.fx can trace): `prune_model(model, data,
-flops_ratio=0.5)`, and `load_pruned_model(dir, factory)` to load the result.
+Every network, built-in or your own, is described by its layer plan (`LayerPlan`,
+traced by torch.fx) and pruned to a `PlanShape`. The phases and the whole job, as the
+command line runs them: `prune(config, out_dir)` (teacher, search, KD training,
+evaluation, report), `search(network, data, config, out_dir)` and
+`train(target, data, config, out_dir)`, each configured by its dataclass
+(`PruneConfig`, `SearchConfig`, `TrainConfig`; the command line's flags are generated
+from their fields). A module of your own in Python: `prune_model(model, data,
+flops_ratio=0.5)`. Any saved model: `load_model(dir)`.
 """
 
-__version__ = "0.1.0"
-
-from tasprune.custom import load_pruned_model, plan_of, prune_model  # noqa: E402
-from tasprune.data import DataBundle, DataError, load_data  # noqa: E402
-from tasprune.export import load_model, load_pruned  # noqa: E402
-from tasprune.flops import count_flops, count_params, layer_table  # noqa: E402
-from tasprune.hub import from_pretrained, save_pretrained  # noqa: E402
-from tasprune.models import build_model, create_model, list_models  # noqa: E402
-from tasprune.pipeline import load_prune_config, prune  # noqa: E402
-from tasprune.plan import LayerPlan, PlanShape  # noqa: E402
-from tasprune.settings import PruneConfig, SearchConfig, TrainConfig  # noqa: E402
-from tasprune.shape import Shape, paper_shape, paper_shape_names  # noqa: E402
-from tasprune.tas.searcher import SearchResult, search  # noqa: E402
-from tasprune.trace import PlanError  # noqa: E402
-from tasprune.training.distill import distill_loss  # noqa: E402
-from tasprune.training.trainer import TrainResult, train  # noqa: E402
+from tasprune._version import __version__
+from tasprune.data import DataBundle, DataError, load_data
+from tasprune.export import load_model, load_pruned, load_shape
+from tasprune.flops import count_flops, count_params, layer_table
+from tasprune.hub import from_pretrained, save_pretrained
+from tasprune.models import Shape, create_model, list_models, paper_shape, paper_shape_names
+from tasprune.models.network import build_model
+from tasprune.net.plan import LayerPlan, ModelSpec, PlanShape
+from tasprune.net.trace import PlanError, channelwise, trace_plan
+from tasprune.pipeline import load_prune_config, prune, prune_model
+from tasprune.settings import PruneConfig, SearchConfig, TrainConfig
+from tasprune.tas.searcher import SearchResult, search
+from tasprune.training.distill import distill_loss
+from tasprune.training.trainer import TrainResult, train
 
 __all__ = [
     "DataBundle",
     "DataError",
     "LayerPlan",
+    "ModelSpec",
     "PlanError",
     "PlanShape",
     "PruneConfig",
@@ -42,6 +41,7 @@ __all__ = [
     "TrainResult",
     "__version__",
     "build_model",
+    "channelwise",
     "count_flops",
     "count_params",
     "create_model",
@@ -53,13 +53,13 @@ __all__ = [
     "load_model",
     "load_prune_config",
     "load_pruned",
-    "load_pruned_model",
+    "load_shape",
     "paper_shape",
     "paper_shape_names",
-    "plan_of",
     "prune",
     "prune_model",
     "save_pretrained",
     "search",
+    "trace_plan",
     "train",
 ]

@@ -1,16 +1,19 @@
-"""Hand-set pruned shapes to compare TAS against, at the same FLOP budget.
+"""Hand-set pruned shapes to compare TAS against, at the same budget, for any planned
+network.
 
-* uniform: one width ratio for every conv, found by bisection;
-* l1: a global ranking of the teacher's filters by mean absolute weight (the
-  L1 norm divided by the filter's size, so layers of different fan-in compare),
-  dropping the weakest filters until the FLOP budget is met;
-* random: shapes sampled uniformly from the TAS search space (a width choice per
-  conv slot, a depth choice per stage); the one with the most FLOPs at or below
-  the target is kept (never one above it, so every method meets the same budget).
+* uniform: one width ratio for every searched channel group (round(r * C), at least
+  1), found by bisection;
+* l1: a global ranking of the teacher's channels by the mean absolute weight of the
+  rows that write them (the L1 norm divided by the row's size, so layers of different
+  fan-in compare; `tasprune.net.importance.l1_scores`), dropping the weakest channels
+  until the budget is met;
+* random: shapes sampled uniformly from the TAS search space (a width choice per group,
+  a depth choice per stage); the one with the most FLOPs at or below the target is kept
+  (never one above it, so every method meets the same budget).
 
-Depths stay full for uniform and l1 (they prune channels only). All three
-return a `Shape`; training it (with KD, weight inheritance for l1) is the same
-recipe as for a searched shape.
+Depths stay full for uniform and l1 (they prune channels only). All three return a
+`PlanShape`; training it (with KD, weight inheritance for l1) is the same recipe as for
+a searched shape.
 
 Each method also takes another budget than the FLOPs: `cost` maps a shape to its
 cost over the budget (at most 1 when it fits; several budgets: the largest such
@@ -21,21 +24,26 @@ shape that fits, as it does with the FLOPs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
-from tasprune.flops import count_flops
-from tasprune.shape import Shape
-from tasprune.tas.space import DEFAULT_RATIOS, SearchSpace, used_slots
+from tasprune.net.importance import l1_scores
+from tasprune.net.plan import PlanShape
+from tasprune.tas.space import SearchSpace
 
 METHODS = ("uniform", "l1", "random")
 
 
-Cost = Callable[[Shape], float]
+Cost = Callable[[PlanShape], float]
 
 
-def _check_ratio(full: Shape, flops_ratio: float, floor: Shape, method: str = "",
+def _flops(shape: PlanShape) -> float:
+    return shape.count("flops")
+
+
+def _check_ratio(full: PlanShape, flops_ratio: float, floor: PlanShape, method: str = "",
                  cost: Cost | None = None) -> tuple[Cost, float]:
     """The price of a shape and the target it must stay at or under (FLOPs, or `cost`
     and 1), after checking that `floor`, the method's smallest shape, fits."""
@@ -47,47 +55,51 @@ def _check_ratio(full: Shape, flops_ratio: float, floor: Shape, method: str = ""
         return cost, 1.0
     if not (math.isfinite(flops_ratio) and 0 < flops_ratio <= 1):
         raise ValueError(f"flops ratio must be in (0, 1], got {flops_ratio}")
-    target = flops_ratio * count_flops(full)
-    smallest = count_flops(floor)
+    target = flops_ratio * full.count("flops")
+    smallest = floor.count("flops")
     if smallest > target:
-        low = smallest / count_flops(full)
+        low = smallest / full.count("flops")
         raise ValueError(
             f"flops ratio {flops_ratio} is below the smallest reachable {low:.4f} (of the "
             f"unpruned FLOPs) for {which}; choose a ratio in [{math.ceil(low * 1e4) / 1e4}, 1]"
         )
-    return count_flops, int(target)
+    return _flops, int(target)
 
 
-def smallest_shape(method: str, full: Shape, ratios: Sequence[float] = DEFAULT_RATIOS,
-                   multiple_of: int = 1, min_ratio: float = 0.1) -> Shape:
-    """The smallest shape `method` can give: its FLOPs bound the budgets it can reach."""
+def _sizes(full: PlanShape) -> list[int]:
+    return [full.plan.groups[g].size for g in full.plan.searched]
+
+
+def _scaled(full: PlanShape, ratio: float) -> PlanShape:
+    return full.replace(widths=[max(1, int(round(ratio * c))) for c in _sizes(full)])
+
+
+def _min_widths(full: PlanShape, min_ratio: float) -> list[int]:
+    return [max(1, math.ceil(min_ratio * c)) for c in _sizes(full)]
+
+
+def smallest_shape(method: str, space: SearchSpace, min_ratio: float = 0.1) -> PlanShape:
+    """The smallest shape `method` can give: its cost bounds the budgets it can reach."""
     if method == "uniform":
-        return _scaled(full, 0.0)
+        return _scaled(space.full, 0.0)
     if method == "l1":
-        return full.replace(widths=_min_widths(full, min_ratio))
+        return space.full.replace(widths=_min_widths(space.full, min_ratio))
     if method == "random":
-        return SearchSpace.from_shape(full, ratios, multiple_of).smallest()
+        return space.smallest()
     raise ValueError(f"unknown baseline method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-def check_method_ratio(method: str, full: Shape, flops_ratio: float,
-                       ratios: Sequence[float] = DEFAULT_RATIOS, multiple_of: int = 1,
+def check_method_ratio(method: str, space: SearchSpace, flops_ratio: float,
                        cost: Cost | None = None) -> None:
-    """Refuse a budget `method` cannot reach (naming the reachable range), before any training."""
-    _check_ratio(full, flops_ratio, smallest_shape(method, full, ratios, multiple_of), method,
-                 cost)
+    """Refuse a budget `method` cannot reach (naming the reachable range), before any
+    training."""
+    _check_ratio(space.full, flops_ratio, smallest_shape(method, space), method, cost)
 
 
-def _scaled(full: Shape, ratio: float) -> Shape:
-    widths = tuple(max(1, int(round(ratio * w))) for w in full.full_widths)
-    return full.replace(widths=widths, blocks=full.depths)
-
-
-def uniform_shape(full: Shape, flops_ratio: float, tol: float = 1e-4,
-                  cost: Cost | None = None) -> Shape:
-    """Every conv keeps round(r * C) channels; r is the largest with FLOPs <= target."""
-    price, target = _check_ratio(full, flops_ratio, smallest_shape("uniform", full),
-                                 "uniform", cost)
+def uniform_shape(full: PlanShape, flops_ratio: float, tol: float = 1e-4,
+                  cost: Cost | None = None) -> PlanShape:
+    """Every group keeps round(r * C) channels; r is the largest with a cost <= target."""
+    price, target = _check_ratio(full, flops_ratio, _scaled(full, 0.0), "uniform", cost)
     lo, hi = 0.0, 1.0
     if price(_scaled(full, hi)) <= target:
         return _scaled(full, hi)
@@ -100,88 +112,71 @@ def uniform_shape(full: Shape, flops_ratio: float, tol: float = 1e-4,
     return _scaled(full, lo)
 
 
-def _min_widths(full: Shape, min_ratio: float) -> tuple[int, ...]:
-    return tuple(max(1, math.ceil(min_ratio * w)) for w in full.full_widths)
+def l1_shape(full: PlanShape, teacher: nn.Module, flops_ratio: float, min_ratio: float = 0.1,
+             chunk: float = 0.005, cost: Cost | None = None) -> PlanShape:
+    """Global L1 ranking: drop the channels whose writers' rows have the smallest mean
+    |weight| first (see the module docstring).
 
-
-def l1_shape(full: Shape, teacher_state: Mapping[str, torch.Tensor], flops_ratio: float,
-             min_ratio: float = 0.1, chunk: float = 0.005, cost: Cost | None = None
-             ) -> Shape:
-    """Global L1-norm ranking: drop the filters with the smallest mean |weight| first.
-
-    `teacher_state` is the state dict of the full network (`build_model(full)`).
-    Each conv keeps at least `min_ratio` of its channels. Filters are removed in
-    chunks of `chunk` of all filters, then one at a time near the target, until
-    the FLOPs are at or below `flops_ratio` of the full network's.
-    """
+    `teacher` is the unpruned network of `full`. Each group keeps at least `min_ratio` of
+    its channels. Channels are removed in chunks of `chunk` of all channels, then one at a
+    time near the target, until the cost is at or below the target."""
+    plan = full.plan
     floor = _min_widths(full, min_ratio)
     price, target = _check_ratio(full, flops_ratio, full.replace(widths=floor), "l1", cost)
-    scores = []  # (score, slot) for every filter
-    for slot, name in enumerate(_slot_weight_names(full)):
-        if name not in teacher_state:
-            raise ValueError(f"teacher state has no {name!r}: not a state dict of "
-                             f"{full.describe()}")
-        weight = teacher_state[name].float()
-        if weight.shape[0] != full.full_widths[slot]:
-            raise ValueError(f"teacher {name} has {weight.shape[0]} filters, the full "
-                             f"network {full.full_widths[slot]}: a checkpoint of another model?")
-        per_filter = weight.abs().flatten(1).mean(1)
-        scores.extend((float(s), slot) for s in per_filter)
+    try:
+        raw = l1_scores(teacher, plan, normalise=False)
+    except AttributeError as exc:
+        raise ValueError(f"the teacher is not the unpruned network of this shape ({exc})"
+                         ) from None
+    scores = []  # (score, position of the group) for every channel
+    for i, g in enumerate(plan.searched):
+        if g not in raw:
+            continue
+        if len(raw[g]) != plan.groups[g].size:
+            raise ValueError(f"the teacher's {plan.groups[g].name} has {len(raw[g])} "
+                             f"channels, the unpruned network {plan.groups[g].size}: a "
+                             "checkpoint of another model?")
+        scores.extend((float(s), i) for s in raw[g])
     scores.sort()
-    widths = list(full.full_widths)
+    widths = list(full.widths)
     step = max(1, int(chunk * len(scores)))
-    i = 0
-    flops = price(full)
-    while flops > target and i < len(scores):
-        n = step if flops > 1.05 * target else 1  # coarse steps far from the target
+    n_done = 0
+    value = price(full)
+    while value > target and n_done < len(scores):
+        n = step if value > 1.05 * target else 1  # coarse steps far from the target
         taken = 0
-        while taken < n and i < len(scores):
-            _, slot = scores[i]
-            i += 1
-            if widths[slot] > floor[slot]:
-                widths[slot] -= 1
+        while taken < n and n_done < len(scores):
+            _, i = scores[n_done]
+            n_done += 1
+            if widths[i] > floor[i]:
+                widths[i] -= 1
                 taken += 1
-        flops = price(full.replace(widths=tuple(widths)))
-    return full.replace(widths=tuple(widths))
+        value = price(full.replace(widths=widths))
+    return full.replace(widths=widths)
 
 
-def _slot_weight_names(full: Shape) -> list[str]:
-    """State-dict key of the conv weight of every slot of the full network."""
-    names = ["conv1.weight"]
-    for s, stage in enumerate(full.skeleton.stages):
-        for blk in stage:
-            names.extend(f"layer{s + 1}.{blk.index}.conv{j + 1}.weight"
-                         for j in range(len(blk.convs)))
-    return names
-
-
-def random_shape(full: Shape, flops_ratio: float, samples: int = 1000, seed: int = 0,
-                 ratios: Sequence[float] = DEFAULT_RATIOS, multiple_of: int = 1,
-                 coupled: bool = False, cost: Cost | None = None) -> Shape:
+def random_shape(space: SearchSpace, flops_ratio: float, samples: int = 1000, seed: int = 0,
+                 cost: Cost | None = None) -> PlanShape:
     """The best of `samples` shapes drawn uniformly from the TAS search space.
 
-    Every conv slot draws one of its width choices and every stage one of its
-    depth choices, each uniformly (`ratios`/`multiple_of`/`coupled` as in
-    `SearchSpace.from_shape`: with `coupled` a residual stream draws once). Of the
-    draws at or below `flops_ratio` of the full FLOPs, the one with the most FLOPs is
-    kept; draws above the budget are never chosen. Slots of dropped blocks are set to
-    their full width (they are unused).
-    """
+    Every group draws one of its width choices and every stage one of its depth choices,
+    each uniformly. Of the draws at or below `flops_ratio` of the full FLOPs, the one with
+    the most FLOPs is kept; draws above the budget are never chosen. Groups the shape does
+    not use are set to their full width."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-    space = SearchSpace.from_shape(full, ratios, multiple_of, coupled)
-    price, target = _check_ratio(full, flops_ratio, space.smallest(), "random", cost)
+    price, target = _check_ratio(space.full, flops_ratio, space.smallest(), "random", cost)
     gen = torch.Generator().manual_seed(seed)
     n_widths = torch.tensor([len(c) for c in space.widths])
     n_depths = torch.tensor([len(c) for c in space.depths])
-    width_idx = (torch.rand(samples, space.num_slots, generator=gen) * n_widths).long()
+    width_idx = (torch.rand(samples, space.num_groups, generator=gen) * n_widths).long()
     depth_idx = (torch.rand(samples, space.num_stages, generator=gen) * n_depths).long()
-    best: tuple[float, Shape] | None = None
+    best: tuple[float, PlanShape] | None = None
     for w, d in zip(width_idx.tolist(), depth_idx.tolist(), strict=True):
         shape = _tidy(space.shape(w, d))
-        flops = price(shape)
-        if flops <= target and (best is None or flops > best[0]):
-            best = (flops, shape)
+        value = price(shape)
+        if value <= target and (best is None or value > best[0]):
+            best = (value, shape)
     if best is None:
         raise ValueError(
             f"none of {samples} random shapes has at most {flops_ratio} of the FLOPs (the "
@@ -190,9 +185,10 @@ def random_shape(full: Shape, flops_ratio: float, samples: int = 1000, seed: int
     return best[1]
 
 
-def _tidy(shape: Shape) -> Shape:
-    """`shape` with the widths of dropped blocks' slots reset to full (they are unused)."""
-    used = used_slots(shape)
-    widths = tuple(w if s in used else f
-                   for s, (w, f) in enumerate(zip(shape.widths, shape.full_widths, strict=True)))
-    return shape.replace(widths=widths)
+def _tidy(shape: PlanShape) -> PlanShape:
+    """`shape` with the widths of the groups it does not use reset to full."""
+    used = shape.used_groups()
+    full = shape.plan.full().widths
+    return shape.replace(widths=[w if i in used else f
+                                 for i, (w, f) in enumerate(zip(shape.widths, full,
+                                                                strict=True))])

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from tasprune._io import atomic_write
@@ -176,6 +177,30 @@ def load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], sour
         raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} "
                               f"({len(extra)} in all){hint}")
     model.load_state_dict(dict(state), strict=True)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a state dict file (.safetensors, or .pt/.pth read with weights_only=True; a
+    dict holding it under "state_dict" too) into `model`, strictly (every key, every
+    shape)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--weights {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader error, one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--weights {path}: cannot be read as a state dict ({first})"
+                         ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"--weights {path}: holds a {type(state).__name__}, not a state dict")
+    load_state_checked(model, state, f"--weights {path}")
+    return model
 
 
 def rng_state() -> dict[str, Any]:

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from tasprune.latency import Forward, random_input
-
-# (conv, bn) attribute pairs of the ResNet modules: stem, blocks, projection shortcut
-_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"), ("conv", "bn"))
+from tasprune.net.surgery import set_module
+from tasprune.net.trace import Tracer
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -55,25 +55,29 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-only copy of `model` with every BatchNorm2d folded into the Conv2d before it.
-
-    The folded convs replace the originals under the same names (with a bias), the BN
-    layers become `nn.Identity`; parameters do not require grad. Works on
-    `tasprune.models.ResNet` (stem, blocks, projection shortcuts with or without BN; the
-    copy keeps `.shape`); a BatchNorm2d left over (one not directly after its conv in a
-    known pair) is an error, not a silently unfolded layer.
+    """An eval-only copy of `model` with every BatchNorm2d folded into the Conv2d whose one
+    consumer it is (found by tracing the forward with torch.fx). The folded convs replace
+    the originals under the same names (with a bias), those BN layers become
+    `nn.Identity`; a BatchNorm after anything else (a concatenation, an activation) stays
+    as it is. Parameters do not require grad; the copy keeps the shape the model carries.
     """
     folded = copy.deepcopy(model).eval()
-    for module in folded.modules():
-        for conv_name, bn_name in _PAIRS:
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(module, conv_name, fold_conv_bn(conv, bn))
-                setattr(module, bn_name, nn.Identity())
-    left = [name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    if left:
-        raise ValueError(f"fold_batchnorm: no conv to fold BatchNorm {left[0]!r} into (only "
-                         "tasprune ResNet layouts are known)")
+    try:
+        graph = Tracer().trace(folded)
+    except Exception as exc:  # noqa: BLE001 - any tracing error, one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"fold_batchnorm: the network cannot be traced by torch.fx: "
+                         f"{first}") from None
+    modules = dict(folded.named_modules())
+    for node in graph.nodes:
+        bn = modules.get(str(node.target)) if node.op == "call_module" else None
+        src = node.args[0] if node.args else None
+        if not isinstance(bn, nn.BatchNorm2d) or not isinstance(src, fx.Node):
+            continue
+        conv = modules.get(str(src.target)) if src.op == "call_module" else None
+        if isinstance(conv, nn.Conv2d) and len(src.users) == 1:
+            set_module(folded, str(src.target), fold_conv_bn(conv, bn))
+            set_module(folded, str(node.target), nn.Identity())
     folded.requires_grad_(False)
     return folded
 

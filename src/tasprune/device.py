@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tasprune.data.source import DataBundle
-from tasprune.shape import Shape
+from tasprune.net.plan import PlanShape
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
@@ -41,14 +41,13 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def check_fits_data(shape: Shape, data: DataBundle, what: str) -> None:
+def check_fits_data(shape: PlanShape, data: DataBundle, what: str) -> None:
     """Classes and input channels of a network must be the dataset's."""
     if shape.num_classes != data.num_classes or shape.in_channels != data.in_channels:
         raise ValueError(
             f"the {what} has {shape.num_classes} classes and {shape.in_channels} input channels "
             f"but the data {data.name!r} has {data.num_classes} classes and {data.in_channels} "
-            f"channels; use the data the network was made for, or a shape built for this data "
-            f"(shape.replace(num_classes={data.num_classes}, in_channels={data.in_channels}))"
-        )
+            "channels; use the data the network was made for, or search and train it again "
+            "for this data")
 
 

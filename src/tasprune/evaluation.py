@@ -17,10 +17,10 @@ from torch import nn
 from tasprune.data.source import DataBundle
 from tasprune.deploy import OnnxRuntimeTarget, fold_batchnorm, onnxruntime_missing
 from tasprune.device import check_fits_data
-from tasprune.flops import count_flops, count_params
 from tasprune.latency import LatencyConfig, Target, paired_latency
-from tasprune.models import ResNet, build_model
-from tasprune.shape import Shape
+from tasprune.models.network import instantiate
+from tasprune.net.plan import PlanShape
+from tasprune.net.surgery import shape_of
 from tasprune.training.loop import LoopOptions, evaluate
 
 # how reports name the timed forms
@@ -28,13 +28,8 @@ LATENCY_LABELS = {"dense": "unpruned", "pruned": "pruned", "model": "this model"
                   "folded": "folded BN, PyTorch", "onnxruntime": "folded BN, ONNX Runtime"}
 
 
-def is_unpruned(shape: Shape) -> bool:
-    """Whether `shape` keeps every block and every channel of its family's network."""
-    return shape.blocks == shape.depths and shape.widths == shape.full_widths
-
-
 def latency_report(
-    model: ResNet,
+    model: nn.Module,
     input_shape: tuple[int, int, int],
     config: LatencyConfig,
     dense: nn.Module | None = None,
@@ -65,20 +60,20 @@ def latency_report(
     return out
 
 
-def _report_in_child(shapes: dict[str, Shape], states: dict[str, dict[str, torch.Tensor]],
+def _report_in_child(shapes: dict[str, PlanShape], states: dict[str, dict[str, torch.Tensor]],
                      input_shape: tuple[int, int, int], config: LatencyConfig,
                      name: str) -> dict[str, Any]:
     """`latency_report` of freshly built models (runs in a spawned process)."""
     models = {}
     for key, shape in shapes.items():
-        models[key] = build_model(shape)
+        models[key] = instantiate(shape)
         models[key].load_state_dict(states[key])
     return latency_report(models[name], input_shape, config, dense=models.get("dense"),
                           name=name)
 
 
-def isolated_latency_report(model: ResNet, input_shape: tuple[int, int, int],
-                            config: LatencyConfig, dense: ResNet | None = None,
+def isolated_latency_report(model: nn.Module, input_shape: tuple[int, int, int],
+                            config: LatencyConfig, dense: nn.Module | None = None,
                             name: str = "model") -> dict[str, Any]:
     """`latency_report` in a fresh process, on copies of the models.
 
@@ -90,8 +85,13 @@ def isolated_latency_report(model: ResNet, input_shape: tuple[int, int, int],
     import concurrent.futures
     import multiprocessing
 
-    shapes = {name: model.shape, **({} if dense is None else {"dense": dense.shape})}
+    shapes = {name: shape_of(model), **({} if dense is None else {"dense": shape_of(dense)})}
     states = {name: _cpu_state(model), **({} if dense is None else {"dense": _cpu_state(dense)})}
+    if any(s.source is None or s.source.name is None for s in shapes.values()):
+        out = latency_report(model, input_shape, config, dense=dense, name=name)
+        out["isolated"] = ("timed in this process: the network was given as a module, which "
+                           "a fresh process cannot rebuild")
+        return out
     try:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
@@ -108,7 +108,7 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-def _add_onnxruntime(model: ResNet, path: Path, targets: dict[str, nn.Module | Target]
+def _add_onnxruntime(model: nn.Module, path: Path, targets: dict[str, nn.Module | Target]
                      ) -> str | None:
     """Export `model` (folded) to `path` and add its ONNX Runtime session to `targets`;
     the reason on failure (timing is a measurement: a failed export must not end it)."""
@@ -126,7 +126,7 @@ def _add_onnxruntime(model: ResNet, path: Path, targets: dict[str, nn.Module | T
 
 
 def evaluate_model(
-    model: ResNet,
+    model: nn.Module,
     data: DataBundle,
     device: torch.device,
     batch_size: int = 256,
@@ -141,16 +141,17 @@ def evaluate_model(
     latency (`latency_report`: a pruned model is timed against its unpruned counterpart,
     built with random weights, which do not change the timing).
     """
-    check_fits_data(model.shape, data, what)
-    shape = model.shape.replace(resolution=data.resolution)  # count at the resolution evaluated
+    shape = shape_of(model)
+    check_fits_data(shape, data, what)
     test = evaluate(model.to(device), data.test, data.transform,
                     LoopOptions(batch_size=batch_size, device=device, quiet=quiet, desc=what))
     out = {"acc": test["acc"], "top5": test["top5"], "loss": test["loss"],
-           "images": int(test["images"]), "flops": count_flops(shape),
-           "params": count_params(shape), "latency_ms": {}, "threads": torch.get_num_threads()}
+           "images": int(test["images"]), "flops": shape.count("flops"),
+           "params": shape.count("params"), "latency_ms": {}, "threads": torch.get_num_threads()}
     if latency is not None:
-        dense = (None if is_unpruned(shape) else
-                 build_model(shape.replace(widths=shape.full_widths, blocks=shape.depths)))
+        dense = None
+        if not shape.is_full and shape.source is not None and shape.source.name is not None:
+            dense = instantiate(shape.plan.full())
         timed = latency_report(model, (shape.in_channels, shape.resolution, shape.resolution),
                                latency, dense=dense)
         out["latency"] = timed

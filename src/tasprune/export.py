@@ -1,11 +1,15 @@
 """The pruned model the user takes away: safetensors + shape, ONNX (BatchNorm folded into
-the convs, see `tasprune.deploy`), TorchScript, a `torch.export` program (.pt2).
+the convs, see `tasprune.deploy`), TorchScript, a `torch.export` program (.pt2); and how
+every phase takes a network and its teacher.
 
-The deliverable of a run is `model.safetensors` (the weights, with the shape
-also stored in its metadata) next to `shape.json`. `load_model` rebuilds the
-network from the shape and loads the weights in one call, without unpickling
-anything. Training checkpoints (`train.pt`, `best.pt`) load too, with
-`torch.load(weights_only=True)`.
+The deliverable of a run is `model.safetensors` (the weights, with the shape also stored
+in its metadata) next to `shape.json`. The shape names the network it prunes (a
+registered model or a factory) and the width of every channel group, so `load_model`
+rebuilds the network and loads the weights in one call, without unpickling anything. A
+network given to tasprune as a module in Python is rebuilt from its factory, passed to
+`load_model`. Training checkpoints (`train.pt`, `best.pt`) load too, with
+`torch.load(weights_only=True)`. Shapes of earlier versions (a built-in ResNet's
+`tasprune.shape` file) load as well.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -24,31 +29,42 @@ from torch import nn
 
 from tasprune._io import atomic_write
 from tasprune.checkpoint import CheckpointError, load_checkpoint, load_state_checked
+from tasprune.data.source import DataBundle
 from tasprune.deploy import fold_batchnorm
-from tasprune.models import ResNet, build_model
-from tasprune.plan import PlanShape
-from tasprune.shape import Shape
+from tasprune.models.network import example_input, from_view, full_network, network_plan
+from tasprune.models.registry import (
+    call_factory,
+    default_resolution,
+    is_builtin_resnet,
+    load_factory,
+)
+from tasprune.models.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
+from tasprune.net.plan import FORMAT as PLAN_FORMAT
+from tasprune.net.plan import LayerPlan, ModelSpec, PlanShape
+from tasprune.net.surgery import build_pruned, mark, shape_of
 
 WEIGHTS_FILE = "model.safetensors"
 SHAPE_FILE = "shape.json"
 _SHAPE_KEY = "tasprune.shape"
 EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt",
                   "pt2": "model.pt2"}
+Factory = Callable[..., nn.Module] | str
 
 
-def save_pruned(out_dir: str | os.PathLike[str], model: ResNet) -> Path:
+def save_pruned(out_dir: str | os.PathLike[str], model: nn.Module,
+                shape: PlanShape | None = None) -> Path:
     """Write `out_dir/model.safetensors` and `out_dir/shape.json` atomically; return the first.
 
-    The shape is also embedded in the safetensors metadata, so the weights file
-    alone is enough to rebuild the model.
-    """
+    `shape` defaults to the one the model carries; it is also embedded in the safetensors
+    metadata, so the weights file alone is enough to rebuild the model."""
+    shape = shape_of(model) if shape is None else shape
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {_SHAPE_KEY: json.dumps(model.shape.to_dict())}
+    meta = {_SHAPE_KEY: json.dumps(shape.to_dict())}
     path = out / WEIGHTS_FILE
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
-    model.shape.save(out / SHAPE_FILE)
+    shape.save(out / SHAPE_FILE)
     return path
 
 
@@ -62,32 +78,145 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
                               f"corrupt?): {exc}") from None
 
 
-def _shape_for_weights(path: Path, meta: dict[str, str]) -> Shape:
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as a shape ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a shape (expected a JSON object)")
+    return data
+
+
+def _comparable(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in ("modules", "skipped", "flops",
+                                                      "params")}
+
+
+def _shape_data(path: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """The shape of a weights file: its metadata's, which the shape.json beside it must
+    match when there is one."""
     beside = path.parent / SHAPE_FILE
     if _SHAPE_KEY in meta:
         try:
-            shape = Shape.from_dict(json.loads(meta[_SHAPE_KEY]))
-        except (ValueError, TypeError, KeyError) as exc:
+            data = json.loads(meta[_SHAPE_KEY])
+        except ValueError as exc:
             raise CheckpointError(f"{path}: the shape in its metadata is damaged ({exc}); "
-                                  f"remove the file or rewrite it from the run") from None
-        if beside.is_file() and Shape.load(beside) != shape:
-            raise CheckpointError(f"{path}: its metadata holds another shape than "
-                                  f"{beside} ({shape.describe()} vs "
-                                  f"{Shape.load(beside).describe()}); the two files come "
-                                  "from different runs: put the matching shape.json beside it")
-        return shape
+                                  "remove the file or rewrite it from the run") from None
+        if beside.is_file() and _comparable(_json_file(beside)) != _comparable(data):
+            raise CheckpointError(f"{path}: its metadata holds another shape than {beside}; "
+                                  "the two files come from different runs: put the matching "
+                                  "shape.json beside it")
+        return data
     if beside.is_file():
-        return Shape.load(beside)
+        return _json_file(beside)
     raise FileNotFoundError(f"{path}: no shape in its metadata and no {SHAPE_FILE} beside it; "
                             f"put the run's {SHAPE_FILE} next to the weights")
 
 
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> ResNet:
-    """Rebuild a saved network, pruned or not, and load its weights, in eval mode.
+def _module_of(spec: ModelSpec, factory: Factory | None) -> nn.Module | None:
+    """The unpruned module of `spec` from `factory` (a callable or a --model spec) when
+    given, else None (built from the spec's name)."""
+    if factory is None:
+        return None
+    fn = load_factory(factory) if isinstance(factory, str) else factory
+    label = factory if isinstance(factory, str) else getattr(factory, "__name__", "factory")
+    return call_factory(fn, str(label), spec.num_classes, spec.in_channels)
+
+
+def shape_from_data(data: dict[str, Any], factory: Factory | None = None,
+                    where: str = "the shape") -> tuple[PlanShape, nn.Module]:
+    """The PlanShape a shape.json (any version) describes and the unpruned module it prunes
+    (freshly built; from `factory` when given, which a network given as a module needs)."""
+    fmt = data.get("format")
+    if fmt == "tasprune.shape":  # a built-in ResNet's shape of an earlier version
+        try:
+            view = Shape.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: invalid shape: {exc}") from None
+        spec = ModelSpec(view.model_name, view.num_classes, view.in_channels, view.resolution)
+        model, plan = full_network(spec, free=True)
+        return from_view(view, plan), model
+    if fmt != PLAN_FORMAT:
+        old = " (a network of your own saved by an earlier tasprune: train it again)" \
+            if fmt == "tasprune.plan-shape/1" else ""
+        raise ValueError(f"{where}: not a tasprune shape (format {fmt!r}){old}")
+    try:
+        spec = ModelSpec.from_dict(data["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: the shape does not say which network it prunes "
+                         f"({exc})") from None
+    free = bool(data.get("free_shortcuts"))
+    module = _module_of(spec, factory)
+    if module is not None:
+        plan = network_plan(module, spec, free)
+    elif spec.name is None:
+        raise ValueError(f"{where}: the network was given as a module in Python; pass its "
+                         "factory to load it (tasprune.load_model(path, factory))")
+    else:
+        module, plan = full_network(spec, free)
+    try:
+        return PlanShape.from_dict(plan, data), module
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def read_shape(path: str | os.PathLike[str], factory: Factory | None = None) -> PlanShape:
+    """The shape of a shape.json (or a TAS .config) file."""
+    path = Path(path)
+    if path.suffix == ".config":
+        return from_view(Shape.from_tas_config(path))
+    return shape_from_data(_json_file(path), factory, str(path))[0]
+
+
+def load_shape(target: str, num_classes: int | None = None, resolution: int | None = None,
+               in_channels: int | None = None) -> PlanShape:
+    """What `tasprune flops` and `train --shape` take: a registered model name or a
+    factory (its unpruned network), a published TAS shape name, a shape.json or a TAS
+    .config file; the classes, input size and channels given replace the file's (the
+    network is traced again for them)."""
+    changes = {k: v for k, v in (("num_classes", num_classes), ("resolution", resolution),
+                                 ("in_channels", in_channels)) if v is not None}
+    path = Path(target)
+    if target in paper_shape_names():
+        path = PAPER_SHAPES_DIR / f"{target}.config"
+    if path.suffix in (".json", ".config") or path.exists():
+        if not path.is_file():
+            raise ValueError(f"{target}: no such file")
+        if path.suffix == ".config":
+            return from_view(Shape.from_tas_config(path).replace(**changes))
+        data = _json_file(path)
+        if changes and data.get("format") == "tasprune.shape":
+            data = {**data, **changes}
+        elif changes and isinstance(data.get("model"), dict):
+            data = {**data, "model": {**data["model"], **changes}}
+        return shape_from_data(data, None, str(path))[0]
+    default = default_resolution(target)
+    spec = ModelSpec(target, 10 if num_classes is None and not is_builtin_resnet(target)
+                     else num_classes or Shape.full(target).num_classes,
+                     3 if in_channels is None else in_channels,
+                     default if resolution is None else resolution)
+    return full_network(spec)[1].full()
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    bad = next((k for k, v in state.items() if v.is_floating_point()
+                and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first in "
+                              f"{bad!r}); the training that wrote them diverged: retrain, or "
+                              "load an earlier checkpoint (best.pt)")
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+               factory: Factory | None = None) -> nn.Module:
+    """Rebuild a saved network, pruned or not, and load its weights, in eval mode; the
+    module carries its shape (`tasprune_shape`).
 
     `path` is a run directory (holding model.safetensors and shape.json), a
-    `.safetensors` file, or a training checkpoint (`train.pt` / `best.pt`).
-    """
+    `.safetensors` file, or a training checkpoint (`train.pt` / `best.pt`). `factory`
+    (a callable or FILE.py:FACTORY) builds the unpruned network when it was given to
+    tasprune as a module."""
     path = Path(path)
     if path.is_dir():
         weights = path / WEIGHTS_FILE
@@ -101,53 +230,99 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.suffix == ".safetensors":
         state, meta = _read_safetensors(path)
-        shape = _shape_for_weights(path, meta)
+        data = _shape_data(path, meta)
     else:
         ckpt = load_checkpoint(path)
         if "shape" not in ckpt or "model" not in ckpt:
             raise CheckpointError(f"{path}: not a tasprune training checkpoint (it has no "
                                   "'shape' and 'model' entries)")
-        shape, state = Shape.from_dict(ckpt["shape"]), ckpt["model"]
-    bad = next((k for k, v in state.items() if v.is_floating_point()
-                and not torch.isfinite(v).all()), None)
-    if bad is not None:
-        raise CheckpointError(f"{path}: the weights hold NaN or infinite values (first in "
-                              f"{bad!r}); the training that wrote them diverged: retrain, or "
-                              "load an earlier checkpoint (best.pt)")
-    model = build_model(shape)
+        data, state = ckpt["shape"], ckpt["model"]
+    _check_finite(state, path)
+    shape, full = shape_from_data(data, factory, str(path))
+    model = mark(full, shape) if shape.is_full else build_pruned(full, shape)
     load_state_checked(model, state, str(path))
     return model.to(device).eval()
 
 
 load_pruned = load_model  # the name of earlier versions
 
-Teacher = ResNet | Mapping[str, torch.Tensor] | str | os.PathLike[str]
+Teacher = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
 
-def as_teacher(teacher: Teacher | None, shape_full: Shape | PlanShape) -> nn.Module | None:
-    """A teacher as every phase takes it: a model, a state dict of the unpruned network
-    `shape_full`, or the path of a saved model (`load_model`); None stays None."""
-    if teacher is None or isinstance(teacher, ResNet):
+def as_teacher(teacher: Teacher | None, spec: ModelSpec, free: bool = False,
+               seed: int | None = None) -> nn.Module | None:
+    """A teacher as every phase takes it: a module, a state dict of the unpruned network of
+    `spec`, or the path of a saved unpruned model (`load_model`); None stays None."""
+    if teacher is None or isinstance(teacher, nn.Module):
         return teacher
-    if isinstance(shape_full, PlanShape):
-        if isinstance(teacher, nn.Module):
-            return teacher
-        raise TypeError("a network of your own is searched from the module itself: pass the "
-                        f"model (with its trained weights), not a {type(teacher).__name__}")
     if isinstance(teacher, (str, os.PathLike)):
-        return load_model(teacher)
+        model = load_model(teacher)
+        shape = shape_of(model)
+        if not shape.is_full:
+            raise ValueError(f"the teacher {teacher} is a pruned network "
+                             f"({shape.describe()}); give the trained unpruned network")
+        return model
     if isinstance(teacher, Mapping):
-        model = build_model(shape_full)
+        model, _ = full_network(spec, free=free, seed=seed)
         load_state_checked(model, teacher, "the teacher's state dict")
         return model.eval()
-    raise TypeError(f"a teacher is a tasprune model, a state dict or the path of a saved "
-                    f"model, not {type(teacher).__name__}")
+    raise TypeError(f"a teacher is a module, a state dict or the path of a saved model, not "
+                    f"{type(teacher).__name__}")
+
+
+def spec_for(network: str | nn.Module, data: DataBundle) -> ModelSpec:
+    """The spec of `network` (a registered name or factory, or a module: its own name when
+    tasprune built it) for the images and classes of `data`."""
+    name: str | None
+    if isinstance(network, str):
+        name = network
+    else:
+        shape = getattr(network, "tasprune_shape", None)
+        name = shape.source.name if isinstance(shape, PlanShape) and shape.source else None
+    return ModelSpec(name, data.num_classes, data.in_channels, data.resolution)
+
+
+def resolve_network(network: str | nn.Module, data: DataBundle, teacher: Teacher | None,
+                    free: bool, seed: int = 0, weights: str | os.PathLike[str] | None = None
+                    ) -> tuple[nn.Module, LayerPlan, nn.Module | None]:
+    """(the unpruned module to start from, its plan for `data`, the teacher module or None)
+    of a phase given `network` (a registered name, a factory, or a module, which is its own
+    teacher unless another is given), `teacher`, and `weights` (a state dict file of the
+    network: the network with them is the teacher)."""
+    spec = spec_for(network, data)
+    given = network if isinstance(network, nn.Module) else None
+    if weights is not None:
+        if teacher is not None or given is not None:
+            raise ValueError("give the trained network once: a teacher, or weights of the "
+                             "network named")
+        model, plan = full_network(spec, free=free, weights=weights, seed=seed)
+        return model, plan, model
+    model = as_teacher(teacher, spec, free, seed)
+    if model is not None:
+        own = getattr(model, "tasprune_shape", None)
+        source = own.source if isinstance(own, PlanShape) else None
+        if source is not None and spec.name and source.name and source.name != spec.name:
+            raise ValueError(f"the teacher is a {source.name}, not a {spec.name}; give the "
+                             f"trained unpruned {spec.name}")
+        if source is not None and (source.num_classes, source.in_channels) != (
+                spec.num_classes, spec.in_channels):
+            raise ValueError(f"the teacher has {source.num_classes} classes and "
+                             f"{source.in_channels} input channels but the data "
+                             f"{data.name!r} has {spec.num_classes} and {spec.in_channels}; "
+                             "give a teacher trained on this data")
+    teacher_model = model if model is not None else given
+    if teacher_model is None:
+        module, plan = full_network(spec, free=free, seed=seed)
+        return module, plan, None
+    plan = network_plan(teacher_model, spec, free)
+    return teacher_model, plan, teacher_model
 
 
 def _example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
-    s = model.shape  # type: ignore[union-attr]
+    s = shape_of(model)
     param = next(model.parameters())
-    return torch.randn(batch, s.in_channels, s.resolution, s.resolution, device=param.device)
+    x = example_input((s.in_channels, s.resolution, s.resolution), batch)
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(param.device)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str],
@@ -167,7 +342,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str],
     level = onnx_log.level
     try:
         # the exporter logs about absent torchvision ops and warns about torch internals;
-        # neither concerns a ResNet
+        # neither concerns these networks
         onnx_log.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -185,7 +360,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str],
     return path
 
 
-def export_torchscript(model: ResNet, path: str | os.PathLike[str]) -> Path:
+def export_torchscript(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write a traced TorchScript module (`torch.jit.load` reads it, no tasprune needed).
 
     The network has no data-dependent control flow, so tracing is exact. PyTorch
@@ -212,7 +387,7 @@ def export_pt2(model: nn.Module, path: str | os.PathLike[str],
     return path
 
 
-def export_model(model: ResNet, fmt: str, path: str | os.PathLike[str]) -> Path:
+def export_model(model: nn.Module, fmt: str, path: str | os.PathLike[str]) -> Path:
     """Export in `fmt` ("onnx", "torchscript" or "pt2") to `path`."""
     if fmt == "onnx":
         return export_onnx(model, path)

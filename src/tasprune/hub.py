@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
-from tasprune import __version__
 from tasprune._io import atomic_write_text, read_json
+from tasprune._version import __version__
 from tasprune.export import SHAPE_FILE, WEIGHTS_FILE, load_model, save_pruned
-from tasprune.flops import count_flops, count_params
-from tasprune.models import ResNet
+from tasprune.net.surgery import shape_of
+from tasprune.report import format_summary
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
@@ -40,7 +41,7 @@ def _hub() -> Any:
     return huggingface_hub
 
 
-def save_pretrained(model: ResNet, save_directory: str | os.PathLike[str], *,
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
                     summary: Mapping[str, Any] | None = None,
                     settings: Mapping[str, Any] | None = None, push_to_hub: bool = False,
                     repo_id: str | None = None, private: bool = False) -> Path:
@@ -54,10 +55,10 @@ def save_pretrained(model: ResNet, save_directory: str | os.PathLike[str], *,
         raise ValueError(f"{out} is a file; give a directory to save the model into")
     out.mkdir(parents=True, exist_ok=True)
     save_pruned(out, model)
-    shape = model.shape
+    shape = shape_of(model)
     config = {"library_name": "tasprune", "tasprune_version": __version__,
-              "architecture": shape.describe(), "flops": count_flops(shape),
-              "params": count_params(shape), "shape": shape.to_dict()}
+              "architecture": shape.describe(), "flops": shape.count("flops"),
+              "params": shape.count("params"), "shape": shape.to_dict()}
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=1) + "\n")
     atomic_write_text(out / CARD_FILE, model_card(model, summary, settings))
     if push_to_hub:
@@ -73,7 +74,7 @@ def save_pretrained(model: ResNet, save_directory: str | os.PathLike[str], *,
 
 def from_pretrained(name_or_path: str | os.PathLike[str], *, revision: str | None = None,
                     cache_dir: str | os.PathLike[str] | None = None,
-                    device: str | torch.device = "cpu") -> ResNet:
+                    device: str | torch.device = "cpu") -> nn.Module:
     """Load a model saved by `save_pretrained`: a local directory, or else a Hub repository
     id (downloaded with huggingface_hub into its cache)."""
     path = Path(name_or_path)
@@ -88,24 +89,22 @@ def from_pretrained(name_or_path: str | os.PathLike[str], *, revision: str | Non
     return load_model(local, device=device)
 
 
-def model_card(model: ResNet, summary: Mapping[str, Any] | None = None,
+def model_card(model: nn.Module, summary: Mapping[str, Any] | None = None,
                settings: Mapping[str, Any] | None = None) -> str:
     """A Hub model card (README.md with YAML front matter) for `model`."""
-    shape = model.shape
+    shape = shape_of(model)
     front = {"library_name": "tasprune", "tags": ["pruning", "tas", "image-classification"],
              "pipeline_tag": "image-classification"}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {shape.describe()}", "",
              "A convolutional network pruned by Transformable Architecture Search (TAS) with "
              f"[tasprune](https://pypi.org/project/tasprune/) {__version__}.", "",
-             f"- FLOPs (multiply-accumulates): {count_flops(shape):,}",
-             f"- parameters: {count_params(shape):,}",
+             f"- FLOPs (multiply-accumulates): {shape.count('flops'):,}",
+             f"- parameters: {shape.count('params'):,}",
              f"- blocks per stage: {', '.join(map(str, shape.blocks))}",
              f"- input: {shape.in_channels} x {shape.resolution} x {shape.resolution}, "
              f"{shape.num_classes} classes", ""]
     if summary:
-        from tasprune.report import format_summary
-
         lines += ["## Results", "",
                   f"Model `{summary.get('model')}` on `{summary.get('data')}`, method "
                   f"`{summary.get('method')}`:", "", "```", format_summary(dict(summary)),

@@ -1,34 +1,37 @@
 """A per-layer latency table: the measured cost model of a latency budget.
 
-FLOPs are a poor proxy for speed on small, memory-bound convs, so a latency
-budget is priced with measured times. Every layer the FLOP walk of
-`tasprune.flops` yields is an *operation* (its role in the network and its sizes:
-kernel, stride, input resolution) applied to an input and an output width. The
-table holds the median time of that operation, alone, at a fixed batch size,
-device and thread count, for every pair of widths the search space can give it:
+FLOPs are a poor proxy for speed on small, memory-bound convs, so a latency budget is
+priced with measured times. Every layer of a network's plan (`tasprune.net.plan`) is an
+*operation* (what it is and its sizes, without the widths) applied at an input and an
+output width:
 
-* ``stem``: conv + BN + ReLU (+ the 3x3 max pool of ImageNet stems);
-* ``conv``: conv + BN + ReLU inside a block;
-* ``conv_add``: a block's last conv + BN, the residual addition, ReLU;
-* ``shortcut``: (average pool when strided) + 1x1 conv (+ BN);
-* ``fc``: global average pool + the classifier.
+* ``conv``: a Conv2d (kernel, stride, padding, dilation, input size, groups, bias)
+  followed by its BatchNorm when it has one (`PlanLayer.norm`);
+* ``dwconv``: a depthwise conv (+ its BatchNorm), at width c -> c;
+* ``linear``: a Linear over `spatial` positions per input channel;
+* ``bn``: a BatchNorm that follows no conv (a pre-activation network's), at c -> c.
 
-The predicted latency of a shape is the sum over its layers; the expected latency
-under the search's width and depth distributions is the same sum with every
-layer's time averaged over its input and output width distributions and weighted
-by the probability that its block is kept, so it is differentiable in the logits
-as the expected FLOPs are (and equals the prediction at one-hot logits).
+The table holds the fastest time of that operation, alone, at a fixed batch size,
+device and thread count, for every pair of widths the search space can give it. The
+predicted latency of a shape is the sum over the layers its network has; the expected
+latency under the search's width and depth distributions is the same sum with every
+layer's time averaged over its width distributions (a concatenation's input width over
+the sum of its parts') and weighted by the probability that its block is kept, so it is
+differentiable in the logits as the expected FLOPs are, and equals the prediction at
+one-hot logits.
 
-Tables are cached on disk, one JSON file per device, thread count, torch version
-and batch size, under `cache_dir()`; entries are per operation and width pair, so
-every model and search space that shares an operation shares its time. Entries a
-shape needs that are not in the table yet are timed when first asked for.
+Tables are cached on disk, one JSON file per device, thread count, torch version and
+batch size, under `cache_dir()`; entries are per operation and width pair, so every
+network that shares an operation shares its time. Entries that are not finite or not
+positive (a damaged file) are dropped and timed again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import os
 import platform
 import time
@@ -36,15 +39,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tasprune._io import atomic_write_text
-from tasprune.flops import DepthDist, Layer, WidthDist, expected_layers, layer_table
-from tasprune.shape import Shape
+from tasprune.net.plan import DepthDist, LayerPlan, PlanLayer, PlanShape, WidthDist
 
-FORMAT = "tasprune.latency_table/1"
+FORMAT = "tasprune.latency_table/2"
 Key = tuple[tuple[object, ...], int, int]
+MAX_JOINT = 512  # width combinations of a concatenation the expectation enumerates
 
 
 def cache_dir() -> Path:
@@ -71,41 +73,46 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{model}"
 
 
+def operation(layer: PlanLayer) -> tuple[object, ...] | None:
+    """The operation a layer times as (None: timed with the conv it normalises)."""
+    if layer.kind == "linear":
+        return ("linear", layer.spatial, layer.bias)
+    if layer.kind == "bn":
+        return None if layer.norm_of else ("bn", layer.pixels)
+    kind = "dwconv" if layer.depthwise else "conv"
+    return (kind, *layer.geometry, layer.groups, layer.bias, layer.norm is not None)
+
+
 class _Op(nn.Module):
     """One timed operation at given widths (see the module docstring)."""
 
     def __init__(self, op: tuple[object, ...], cin: int, cout: int) -> None:
         super().__init__()
-        self.role = str(op[0])
-        if self.role == "fc":
-            self.fc = nn.Linear(cin, cout)
-            return
-        if self.role == "shortcut":
-            stride, bn = int(op[1]), bool(op[3])  # type: ignore[call-overload]
-            self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else None
-            self.conv = nn.Conv2d(cin, cout, 1, bias=False)
-            self.bn = nn.BatchNorm2d(cout) if bn else nn.Identity()
-            return
-        kernel, stride = int(op[1]), int(op[2])  # type: ignore[call-overload]
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.maxpool = self.role == "stem" and bool(op[4])
+        self.kind = str(op[0])
+        self.body: nn.Module
+        if self.kind == "linear":
+            self.body = nn.Linear(cin * int(op[1]), cout, bias=bool(op[2]))  # type: ignore[call-overload]
+        elif self.kind == "bn":
+            self.body = nn.BatchNorm2d(cin)
+        else:
+            kh, kw, sh, sw, ph, pw, dh, dw = (int(v) for v in op[1:9])  # type: ignore[call-overload]
+            groups = cin if self.kind == "dwconv" else int(op[11])  # type: ignore[call-overload]
+            conv = nn.Conv2d(cin, cout, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups,
+                             bias=bool(op[12]))
+            self.body = nn.Sequential(conv, nn.BatchNorm2d(cout)) if op[13] else conv
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        if self.role == "fc":
-            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-        if self.role == "shortcut":
-            return self.bn(self.conv(x if self.pool is None else self.pool(x)))
-        y = self.bn(self.conv(x))
-        if skip is not None:
-            y = y + skip
-        y = F.relu(y, inplace=True)
-        return F.max_pool2d(y, 3, 2, 1) if self.role == "stem" and self.maxpool else y
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
 
 
-def _in_res(op: tuple[object, ...]) -> int:
-    return int(op[3] if op[0] in ("stem", "conv", "conv_add") else op[2] if op[0] == "shortcut"
-               else op[1])  # type: ignore[call-overload]
+def _input(op: tuple[object, ...], cin: int, batch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    if op[0] == "linear":
+        return torch.randn(batch, cin * int(op[1]), generator=gen)  # type: ignore[call-overload]
+    if op[0] == "bn":
+        return torch.randn(batch, cin, int(op[1]), 1, generator=gen)  # type: ignore[call-overload]
+    h, w = int(op[9]), int(op[10])  # type: ignore[call-overload]
+    return torch.randn(batch, cin, h, w, generator=gen)
 
 
 def time_op(op: tuple[object, ...], cin: int, cout: int, batch: int, device: torch.device,
@@ -114,14 +121,8 @@ def time_op(op: tuple[object, ...], cin: int, cout: int, batch: int, device: tor
     `repeats` passes (other work on the machine only ever adds time; a table timed beside
     a test suite had entries 20-100x too slow with the median)."""
     module = _Op(op, cin, cout).to(device).eval()
-    res = _in_res(op)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, cin, res, res, generator=gen).to(device)
-    skip = None
-    if op[0] == "conv_add":
-        with torch.inference_mode():
-            skip = torch.zeros_like(module.conv(x))
-    return fastest_ms(lambda: module(x, skip), device, warmup, repeats)
+    x = _input(op, cin, batch).to(device)
+    return fastest_ms(lambda: module(x), device, warmup, repeats)
 
 
 def fastest_ms(run: Callable[[], object], device: torch.device, warmup: int, repeats: int
@@ -151,17 +152,64 @@ def _decode(text: str) -> Key:
     return tuple(op), int(cin), int(cout)
 
 
-def _values(w: int | WidthDist) -> list[int]:
-    return [w] if isinstance(w, int) else [int(v) for v in w.values.tolist()]
+class _Choices:
+    """The width distributions a latency expectation reads: of every group (a fixed one
+    is its size with probability 1) and of every stage's depth."""
+
+    def __init__(self, plan: LayerPlan, widths: Sequence[WidthDist],
+                 depths: Sequence[DepthDist]) -> None:
+        self.plan = plan
+        self.dist = dict(zip(plan.searched, widths, strict=True))
+        self.depths = depths
+        self.like = widths[0].probs if widths else (
+            depths[0].probs if depths else torch.ones(1, dtype=torch.float64))
+
+    def group(self, g: int) -> tuple[list[int], torch.Tensor]:
+        if g in self.dist:
+            d = self.dist[g]
+            return [int(v) for v in d.values.tolist()], d.probs
+        return [self.plan.groups[g].size], self.like.new_ones(1)
+
+    def read(self, layer: PlanLayer, i: int) -> tuple[list[int], torch.Tensor]:
+        """Widths and probabilities of read `i` (a stage's output: over its depths)."""
+        s = layer.stage_read(i)
+        if s is None:
+            return self.group(layer.reads[i])
+        values: list[int] = []
+        probs = []
+        depth = self.depths[s]
+        outputs = self.plan.stage_outputs(s)
+        for n, d in enumerate(depth.choices):
+            g = outputs[d - 1]
+            v, p = self.group(layer.reads[i] if g is None else g)
+            values += v
+            probs.append(depth.probs[n] * p)
+        return values, torch.cat(probs)
+
+    def cin(self, layer: PlanLayer) -> tuple[list[int], torch.Tensor]:
+        """The input width's distribution (a concatenation: of the sum of its parts)."""
+        parts = [self.read(layer, i) for i in range(len(layer.reads))]
+        if len(parts) == 1:
+            return parts[0]
+        if math.prod(len(v) for v, _ in parts) > MAX_JOINT:
+            raise ValueError(f"latency budget: {layer.name} reads {len(parts)} concatenated "
+                             "channel groups, too many width combinations to time; use a "
+                             "FLOP or parameter budget for this network")
+        sums: dict[int, torch.Tensor] = {}
+        for combo in itertools.product(*(range(len(v)) for v, _ in parts)):
+            total = sum(parts[k][0][c] for k, c in enumerate(combo))
+            p = torch.stack([parts[k][1][c] for k, c in enumerate(combo)]).prod()
+            sums[total] = sums[total] + p if total in sums else p
+        return list(sums), torch.stack(list(sums.values()))
 
 
 class LatencyTable:
     """Measured per-layer times (ms) at one batch size, device and thread count.
 
     `predict(shape)` is a shape's latency as the sum of its layers' times;
-    `expected(skeleton, widths, depths)` the differentiable expectation under width
-    and depth distributions. Missing entries are timed on first use and, when the
-    table has a `path`, written back to it."""
+    `expected(plan, widths, depths)` the differentiable expectation under width and depth
+    distributions. Missing entries are timed on first use and, when the table has a
+    `path`, written back to it."""
 
     def __init__(self, batch: int, device: str | torch.device = "cpu", threads: int = 0,
                  path: Path | None = None, timer: Callable[..., float] = time_op) -> None:
@@ -172,6 +220,7 @@ class LatencyTable:
         self.timer = timer
         self.entries: dict[Key, float] = {}
         self._matrices: dict[tuple[object, ...], torch.Tensor] = {}
+        self.dropped = 0  # damaged entries of the file, dropped when it was read
         if path is not None and path.is_file():
             self._read(path)
 
@@ -183,7 +232,7 @@ class LatencyTable:
         dev = torch.device(device)
         threads = int(threads) or torch.get_num_threads()
         ident = {"device": device_name(dev), "threads": threads, "torch": torch.__version__,
-                 "batch": int(batch)}
+                 "batch": int(batch), "format": FORMAT}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         name = f"{dev.type}-t{threads}-b{batch}-{digest}.json"
         return cls(batch, dev, threads, (directory or cache_dir()) / name)
@@ -193,9 +242,12 @@ class LatencyTable:
             data = json.loads(path.read_text())
             if data.get("format") != FORMAT:
                 return
-            self.entries = {_decode(k): float(v) for k, v in data["entries"].items()}
+            entries = {_decode(k): float(v) for k, v in data["entries"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self.entries = {}  # a damaged cache is timed again, not trusted
+            return
+        self.entries = {k: v for k, v in entries.items() if math.isfinite(v) and v > 0}
+        self.dropped = len(entries) - len(self.entries)
 
     def save(self) -> None:
         """Write the table to its path (atomically)."""
@@ -219,8 +271,11 @@ class LatencyTable:
         torch.set_num_threads(self.threads)
         try:
             for i, (op, cin, cout) in enumerate(missing):
-                self.entries[(op, cin, cout)] = self.timer(op, cin, cout, self.batch,
-                                                           self.device)
+                ms = self.timer(op, cin, cout, self.batch, self.device)
+                if not (math.isfinite(ms) and ms > 0):
+                    raise RuntimeError(f"latency table: timing {op} at {cin} -> {cout} "
+                                       f"channels gave {ms} ms")
+                self.entries[(op, cin, cout)] = ms
                 if progress is not None:
                     progress(i + 1, len(missing))
         finally:
@@ -229,12 +284,11 @@ class LatencyTable:
         self.save()
         return len(missing)
 
-    def check(self, shape: Shape, passes: int = 5) -> tuple[float, float]:
-        """(predicted ms, measured ms: the fastest of `passes` forward passes) of the
-        network of `shape`, at the table's batch size and thread count."""
-        from tasprune.models import build_model
-
-        model = build_model(shape).to(self.device).eval()
+    def check(self, model: nn.Module, shape: PlanShape, passes: int = 5
+              ) -> tuple[float, float]:
+        """(predicted ms, measured ms: the fastest of `passes` forward passes) of `model`,
+        the network of `shape`, at the table's batch size and thread count."""
+        model = model.to(self.device).eval()
         size = (self.batch, shape.in_channels, shape.resolution, shape.resolution)
         x = torch.randn(*size, generator=torch.Generator().manual_seed(0)).to(self.device)
         before = torch.get_num_threads()
@@ -247,7 +301,7 @@ class LatencyTable:
 
     def forget(self, keys: Iterable[Key] | None = None) -> None:
         """Drop `keys` (default: every entry) from the table and its file: the next use
-        times them again. Entries of other models in the same file stay."""
+        times them again. Entries of other networks in the same file stay."""
         if keys is None:
             self.entries.clear()
         else:
@@ -257,67 +311,83 @@ class LatencyTable:
         self.save()
 
     # prediction -----------------------------------------------------------------------
-    def predict(self, shape: Shape) -> float:
-        """Predicted milliseconds of the network of `shape` (sum of its layers' times)."""
-        layers = layer_table(shape)
-        self.fill(key for layer in layers for key in _keys(layer))
-        return sum(self.entries[(layer.op, int(layer.cin), int(layer.cout))]  # type: ignore[arg-type]
-                   for layer in layers)
+    def _shape_keys(self, shape: PlanShape) -> list[Key]:
+        widths, kept = shape.group_widths(), shape.kept_blocks()
+        keys = []
+        for layer in shape.plan.layers:
+            op = operation(layer)
+            if op is None or not shape.active(layer, widths, kept):
+                continue
+            cin = sum(shape.read_width(layer, i, widths) for i in range(len(layer.reads)))
+            cout = cin if layer.writes is None else widths[layer.writes]
+            keys.append((op, cin, cout))
+        return keys
 
-    def expected(self, skeleton: object, widths: Sequence[WidthDist],
+    def predict(self, shape: PlanShape) -> float:
+        """Predicted milliseconds of the network of `shape` (sum of its layers' times)."""
+        keys = self._shape_keys(shape)
+        self.fill(keys)
+        return sum(self.entries[k] for k in keys)
+
+    def expected(self, plan: LayerPlan, widths: Sequence[WidthDist],
                  depths: Sequence[DepthDist]) -> torch.Tensor:
-        """Expected milliseconds under independent width and depth distributions (widths
-        shared as one object are one variable; see `tasprune.flops`)."""
-        total: torch.Tensor | None = None
-        for layer in expected_layers(skeleton, widths, depths):  # type: ignore[arg-type]
-            term = self._expected_layer(layer)
-            if term is not None:
-                total = term if total is None else total + term
-        assert total is not None
+        """Expected milliseconds under independent width and depth distributions."""
+        choices = _Choices(plan, widths, depths)
+        total = choices.like.new_zeros(())
+        for layer in plan.layers:
+            op = operation(layer)
+            if op is None:
+                continue
+            keep = 1.0 if layer.block is None else depths[plan.blocks[layer.block].stage] \
+                .keep_prob(plan.blocks[layer.block].index)
+            total = total + keep * self._expected_layer(layer, op, choices)
         return total
 
-    def _expected_layer(self, layer: Layer) -> torch.Tensor | None:
-        a, b = layer.cin, layer.cout
-        if layer.conditional and a is b:
-            return None  # tied widths never differ: the projection never exists
-        ref = a if isinstance(a, WidthDist) else b
-        assert isinstance(ref, WidthDist)
-        va, vb = _values(a), _values(b)
-        cache = (layer.op, tuple(va), tuple(vb), layer.conditional)
+    def _matrix(self, op: tuple[object, ...], va: list[int], vb: list[int],
+                skip_equal: bool) -> torch.Tensor:
+        cache = (op, tuple(va), tuple(vb), skip_equal)
         t = self._matrices.get(cache)
         if t is None:
-            self.fill((layer.op, i, o) for i in va for o in vb if not layer.conditional or i != o)
-            t = torch.tensor([[0.0 if layer.conditional and i == o else
-                               self.entries[(layer.op, i, o)] for o in vb] for i in va],
-                             dtype=torch.float64)
+            self.fill((op, i, o) for i in va for o in vb if not (skip_equal and i == o))
+            t = torch.tensor([[0.0 if skip_equal and i == o else self.entries[(op, i, o)]
+                               for o in vb] for i in va], dtype=torch.float64)
             self._matrices[cache] = t
-        t = t.to(device=ref.probs.device, dtype=ref.probs.dtype)
-        pa = a.probs if isinstance(a, WidthDist) else ref.probs.new_ones(1)
-        pb = b.probs if isinstance(b, WidthDist) else ref.probs.new_ones(1)
-        return layer.keep * (pa @ t @ pb)
+        return t
+
+    def _expected_layer(self, layer: PlanLayer, op: tuple[object, ...], choices: _Choices
+                        ) -> torch.Tensor:
+        va, pa = choices.cin(layer)
+        if layer.writes is None:  # c -> c
+            t = self._matrix(op, va, va, False).to(pa)
+            return (pa * t.diagonal()).sum()
+        vb, pb = choices.group(layer.writes)
+        if layer.reads == (layer.writes,) and not layer.after:  # one variable
+            t = self._matrix(op, va, va, False).to(pa)
+            return (pa * t.diagonal()).sum()
+        t = self._matrix(op, va, vb, layer.when is not None).to(pa)
+        return pa @ t @ pb
 
     def keys_of_space(self, space: object) -> set[Key]:
         """Every (operation, widths) the shapes of a search space (and its unpruned network)
         can use."""
-        from tasprune.tas.space import SearchSpace  # the space imports nothing of this
-
-        assert isinstance(space, SearchSpace)
-        dists = [WidthDist(torch.tensor(c, dtype=torch.float64),
-                           torch.full((len(c),), 1.0 / len(c), dtype=torch.float64))
-                 for c in space.widths]
+        plan: LayerPlan = space.plan  # type: ignore[attr-defined]
+        uniform = [WidthDist(torch.tensor(c, dtype=torch.float64),
+                             torch.full((len(c),), 1.0 / len(c), dtype=torch.float64))
+                   for c in space.widths]  # type: ignore[attr-defined]
         depths = [DepthDist(c, torch.full((len(c),), 1.0 / len(c), dtype=torch.float64))
-                  for c in space.depths]
+                  for c in space.depths]  # type: ignore[attr-defined]
+        choices = _Choices(plan, uniform, depths)
         keys: set[Key] = set()
-        for layer in expected_layers(space.full.skeleton, [dists[t] for t in space.ties],
-                                     depths):
-            for i in _values(layer.cin):  # type: ignore[arg-type]
-                for o in _values(layer.cout):  # type: ignore[arg-type]
-                    if not (layer.conditional and i == o):
-                        keys.add((layer.op, i, o))
-        for layer in layer_table(space.full):
-            keys.update(_keys(layer))
+        for layer in plan.layers:
+            op = operation(layer)
+            if op is None:
+                continue
+            va, _ = choices.cin(layer)
+            if layer.writes is None or (layer.reads == (layer.writes,) and not layer.after):
+                keys.update((op, v, v) for v in va)
+                continue
+            vb, _ = choices.group(layer.writes)
+            keys.update((op, i, o) for i in va for o in vb
+                        if not (layer.when is not None and i == o))
+        keys.update(self._shape_keys(plan.full()))
         return keys
-
-
-def _keys(layer: Layer) -> list[Key]:
-    return [(layer.op, int(layer.cin), int(layer.cout))]  # type: ignore[arg-type]

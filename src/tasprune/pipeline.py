@@ -32,11 +32,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from tasprune._io import atomic_write_text, read_json, read_jsonl
 from tasprune.baselines import check_method_ratio, l1_shape, random_shape, uniform_shape
@@ -46,9 +48,19 @@ from tasprune.data.source import DataBundle
 from tasprune.device import check_fits_data, resolve_device
 from tasprune.dist import init_from_env
 from tasprune.evaluation import evaluate_model, isolated_latency_report
-from tasprune.export import SHAPE_FILE, WEIGHTS_FILE, Teacher, as_teacher, load_model, save_pruned
-from tasprune.flops import count_flops, count_params
-from tasprune.models import ResNet
+from tasprune.export import (
+    SHAPE_FILE,
+    WEIGHTS_FILE,
+    Teacher,
+    as_teacher,
+    load_model,
+    read_shape,
+    save_pruned,
+)
+from tasprune.models.network import full_network, network_plan
+from tasprune.net.importance import inherit
+from tasprune.net.plan import ModelSpec, PlanShape
+from tasprune.net.surgery import mark, shape_of
 from tasprune.phase import (
     METRICS_FILE,
     SEARCH_CHECKPOINT,
@@ -58,11 +70,11 @@ from tasprune.phase import (
     runtime_keys,
 )
 from tasprune.report import write_report
-from tasprune.settings import PruneConfig
-from tasprune.shape import Shape
+from tasprune.settings import PruneConfig, SearchConfig, TrainConfig
 from tasprune.tas.budgets import build_budgets, check_budget, describe_budgets, space_of
 from tasprune.tas.cost import Budget, normalized_cost
 from tasprune.tas.searcher import search
+from tasprune.tas.space import SearchSpace
 from tasprune.tracking import log_record
 from tasprune.training.trainer import train
 
@@ -175,37 +187,44 @@ def _has_phase(path: Path, phase: str) -> bool:
     return path.is_file() and any(r.get("phase") == phase for r in read_jsonl(path))
 
 
-def check_reachable(config: PruneConfig, full: Shape, quiet: bool = True) -> None:
+def check_reachable(config: PruneConfig, space: SearchSpace, model: nn.Module,
+                    quiet: bool = True) -> None:
     """Refuse a budget below the smallest shape the method can give, before any training
     (a latency budget times its table here; the search then reads it from the cache)."""
-    search = config.search
-    if search.flops_ratio is not None:
+    search_config = config.search
+    if search_config.flops_ratio is not None:
         if config.method == "tas":
-            check_budget(space_of(search, full), search.flops_ratio)
+            check_budget(space, search_config.flops_ratio)
         else:
-            check_method_ratio(config.method, full, search.flops_ratio,
-                               ratios=search.width_ratios, multiple_of=search.channel_multiple)
-    if search.params_ratio is not None or search.latency_ratio is not None:
-        build_budgets(search, space_of(search, full), quiet)
+            check_method_ratio(config.method, space, search_config.flops_ratio)
+    if search_config.params_ratio is not None or search_config.latency_ratio is not None:
+        build_budgets(search_config, space, quiet, model)
 
 
-def _given_teacher(config: PruneConfig, full: Shape, data: DataBundle,
-                   teacher: Teacher | None) -> ResNet | None:
+def _given_teacher(config: PruneConfig, spec: ModelSpec, data: DataBundle,
+                   teacher: Teacher | None, free: bool) -> nn.Module | None:
     """The user's teacher (a model or state dict given in Python, else the path
-    `config.teacher`), loaded and checked against the data and the method; else None."""
+    `config.teacher`), loaded and checked against the data and the network; else None."""
     if teacher is None and config.teacher is None:
         return None
     what = "teacher" if teacher is not None else f"teacher {config.teacher}"
-    model = as_teacher(teacher if teacher is not None else config.teacher, full)
-    check_fits_data(model.shape, data, what)
-    if config.method == "l1" and not _is_unpruned(model, full):
-        raise ValueError(f"method l1 ranks the filters of the unpruned {config.model}, but "
-                         f"the {what} is {model.shape.describe()}; give a trained unpruned "
-                         f"{config.model} as teacher, or none to train one")
+    model = as_teacher(teacher if teacher is not None else config.teacher, spec, free)
+    assert model is not None
+    own = getattr(model, "tasprune_shape", None)
+    if isinstance(own, PlanShape):
+        check_fits_data(own, data, what)
+        if own.source is not None and own.source.name and own.source.name != spec.name:
+            raise ValueError(f"the {what} is a {own.source.name}, not a {spec.name}; give a "
+                             f"trained unpruned {spec.name}, or none to train one")
+        if not own.is_full:
+            raise ValueError(f"the {what} is a pruned network ({own.describe()}); give a "
+                             f"trained unpruned {spec.name}, or none to train one")
+    else:
+        mark(model, network_plan(model, spec, free).full())
     return model
 
 
-def _keep_teacher(teacher: ResNet, tdir: Path) -> None:
+def _keep_teacher(teacher: nn.Module, tdir: Path) -> None:
     """A teacher given in Python is saved where prune keeps its teacher, so that the run
     directory holds what it was made from and a rerun finds it."""
     if (tdir / WEIGHTS_FILE).is_file():
@@ -219,8 +238,7 @@ def _keep_teacher(teacher: ResNet, tdir: Path) -> None:
     save_pruned(tdir, teacher)
 
 
-def _teacher(config: PruneConfig, full: Shape, data: DataBundle, out: Path,
-             quiet: bool) -> ResNet:
+def _teacher(config: PruneConfig, data: DataBundle, out: Path, quiet: bool) -> nn.Module:
     tdir = out / "teacher"
     if (tdir / WEIGHTS_FILE).is_file():
         _log(quiet, f"teacher: done ({tdir}), skipping")
@@ -228,7 +246,7 @@ def _teacher(config: PruneConfig, full: Shape, data: DataBundle, out: Path,
     resume = has_checkpoint(tdir / TRAIN_CHECKPOINT)
     _log(quiet, f"teacher: {'resuming' if resume else 'training'} the unpruned {config.model} "
          f"for {config.teacher_train.epochs} epochs into {tdir}")
-    return train(full, data, config.teacher_train, tdir, resume=resume).model
+    return train(config.model, data, config.teacher_train, tdir, resume=resume).model
 
 
 def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = False,
@@ -247,15 +265,20 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         config = dataclasses.replace(
             config, teacher_train=dataclasses.replace(config.teacher_train, quiet=True),
             train=dataclasses.replace(config.train, quiet=True))
+    if str(out) in ("", "."):
+        raise ValueError("--out is empty; give a directory for the run, e.g. runs/mine")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a directory; choose another "
                          "--out")
     if not out.absolute().parent.is_dir():
         raise FileNotFoundError(f"output directory parent {out.absolute().parent} does not "
                                 "exist; create it first or choose another --out")
+    if config.teacher and config.weights:
+        raise ValueError("give the trained network once: --teacher (a tasprune run or "
+                         "model) or --weights (a state dict), not both")
     data = load_data(config.data, quiet=quiet)
-    full = Shape.full(config.model, num_classes=data.num_classes,
-                      in_channels=data.in_channels, resolution=data.resolution)
+    spec = ModelSpec(config.model, data.num_classes, data.in_channels, data.resolution)
+    free = not config.search.couple_residual
     check_saved_config(config, out)
     # every check that can fail comes before the first file is written and the first epoch
     for phase in ("teacher_train", "search", "train"):
@@ -263,8 +286,14 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
             resolve_device(getattr(config, phase).device)
         except ValueError as exc:
             raise ValueError(f"{phase}.{exc}") from None
-    check_reachable(config, full, quiet or not dist.is_main)
-    given = _given_teacher(config, full, data, teacher)
+    say = None if quiet else (lambda line: _log(False, line))
+    model, plan = full_network(spec, free, weights=config.weights,
+                               seed=config.teacher_train.seed, say=say)
+    space = space_of(config.search, plan)
+    check_reachable(config, space, model, quiet or not dist.is_main)
+    given = _given_teacher(config, spec, data, teacher, free)
+    if given is None and config.weights:
+        given = model  # the network with the user's trained weights
     if dist.is_main:
         out.mkdir(exist_ok=True)
         if teacher is not None:
@@ -273,15 +302,16 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     dist.barrier()
 
     if given is not None:
-        where = config.teacher if teacher is None else f"given, kept in {out / 'teacher'}"
+        where = (config.teacher or f"--weights {config.weights}") if teacher is None \
+            else f"given, kept in {out / 'teacher'}"
         _log(quiet, f"teacher: {where}")
-    teacher = given if given is not None else _teacher(config, full, data, out, quiet)
+    teacher = given if given is not None else _teacher(config, data, out, quiet)
     metrics = out / METRICS_FILE
     phase = "search" if config.method == "tas" else "shape"
     trained = (out / WEIGHTS_FILE).is_file() and (out / TRAIN_CHECKPOINT).is_file()
     if (out / SHAPE_FILE).is_file() and (_has_phase(metrics, "derive") or trained):
         # a trained model's shape is never derived again (its metrics may be lost)
-        shape = Shape.load(out / SHAPE_FILE)
+        shape = read_shape(out / SHAPE_FILE)
         _log(quiet, f"{phase}: done ({out / SHAPE_FILE}), skipping")
         if not metrics.is_file():
             print(f"[tasprune] warning: {metrics} is missing; the report will lack the "
@@ -289,19 +319,16 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     elif config.method != "tas":
         _log(quiet, f"shape: the {config.method} baseline at "
              f"{describe_budgets(config.search)}")
-        budgets = build_budgets(config.search, space_of(config.search, full))
-        shape = baseline_shape(config, full, teacher, budgets)  # equal on every rank
+        budgets = build_budgets(config.search, space)
+        shape = baseline_shape(config.method, config.search, space, teacher, budgets,
+                               config.random_samples)  # equal on every rank
         if dist.is_main:
-            _write_shape(config, full, shape, out, budgets)
+            _write_shape(config, shape, out, budgets)
     else:
         resume = has_checkpoint(out / SEARCH_CHECKPOINT)
-        unpruned = teacher if _is_unpruned(teacher, full) else None
-        if unpruned is None:
-            _log(quiet, "search: the teacher is not the unpruned model; the supernet starts "
-                 "from scratch")
         _log(quiet, f"search: {'resuming' if resume else 'searching'} at "
              f"{describe_budgets(config.search)} for {config.search.epochs} epochs")
-        found = search(full, data, config.search, out, teacher=unpruned,
+        found = search(config.model, data, config.search, out, teacher=teacher,
                        resume=resume, quiet=quiet)
         shape = found.shape
         if found.adjusted and found.argmax_flops is not None:
@@ -312,13 +339,13 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
 
     if trained:
         _log(quiet, f"train: done ({out / WEIGHTS_FILE}), skipping")
-        model = load_model(out)
+        pruned = load_model(out)
     else:
         resume = has_checkpoint(out / TRAIN_CHECKPOINT)
         how = "with KD" if config.train.kd_alpha > 0 else "without KD (train.kd_alpha=0)"
         _log(quiet, f"train: {'resuming' if resume else 'training'} the {config.method} shape "
              f"{how} for {config.train.epochs} epochs")
-        model = train(shape, data, config.train, out, teacher=teacher, resume=resume).model
+        pruned = train(shape, data, config.train, out, teacher=teacher, resume=resume).model
 
     summary_path = out / SUMMARY_FILE
     if dist.is_main:
@@ -326,7 +353,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
             _log(quiet, f"eval: done ({summary_path}), skipping")
         else:
             _log(quiet, "eval: test accuracy and CPU latency of the unpruned and pruned nets")
-            summary = summarize(config, teacher, model, data, quiet)
+            summary = summarize(config, teacher, pruned, data, space, quiet)
             atomic_write_text(summary_path, json.dumps(summary, indent=1) + "\n")
         report = out / "report.md"
         if not report.is_file() or report.stat().st_mtime < summary_path.stat().st_mtime:
@@ -336,45 +363,33 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
     return read_json(summary_path)
 
 
-def _is_unpruned(teacher: ResNet, full: Shape) -> bool:
-    """Whether the teacher is the unpruned network `full` (at any input resolution)."""
-    return teacher.shape.replace(resolution=full.resolution) == full
-
-
-def baseline_shape(config: PruneConfig, full: Shape, teacher: ResNet,
-                   budgets: Sequence[Budget] | None = None) -> Shape:
-    """The shape of a baseline method (uniform, l1, random) at the search's budgets
-    (`build_budgets` of them when not given)."""
-    search = config.search
-    ratio = 1.0 if search.flops_ratio is None else search.flops_ratio
+def baseline_shape(method: str, config: SearchConfig, space: SearchSpace, teacher: nn.Module,
+                   budgets: Sequence[Budget] | None = None, samples: int = 1000) -> PlanShape:
+    """The shape of a baseline method (uniform, l1, random) at the budgets of the search
+    `config` (`build_budgets` of them when not given); random draws `samples` shapes."""
+    ratio = 1.0 if config.flops_ratio is None else config.flops_ratio
     if budgets is None:
-        budgets = build_budgets(search, space_of(search, full))
+        budgets = build_budgets(config, space)
     cost = None if [b.name for b in budgets] == ["flops"] else normalized_cost(budgets)
-    if config.method == "uniform":
-        return uniform_shape(full, ratio, cost=cost)
-    if config.method == "random":
-        return random_shape(full, ratio, samples=config.random_samples,
-                            seed=search.seed, ratios=search.width_ratios,
-                            multiple_of=search.channel_multiple,
-                            coupled=search.couple_residual, cost=cost)
-    if config.method == "l1":
-        if not _is_unpruned(teacher, full):
-            raise ValueError(f"method l1 ranks the filters of the unpruned {config.model}, but "
-                             f"the teacher is {teacher.shape.describe()}; give a trained "
-                             f"unpruned {config.model} as teacher, or none to train one")
-        return l1_shape(full, teacher.state_dict(), ratio, cost=cost)
-    raise ValueError(f"no baseline method {config.method!r}")
+    if method == "uniform":
+        return uniform_shape(space.full, ratio, cost=cost)
+    if method == "random":
+        return random_shape(space, ratio, samples=samples, seed=config.seed, cost=cost)
+    if method == "l1":
+        return l1_shape(space.full, teacher, ratio, cost=cost)
+    raise ValueError(f"no baseline method {method!r}")
 
 
-def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path,
+def _write_shape(config: PruneConfig, shape: PlanShape, out: Path,
                  budgets: Sequence[Budget]) -> None:
     """shape.json and the "derive" line of a baseline, as the search writes them."""
     shape.save(out / SHAPE_FILE)
-    flops, full_flops = count_flops(shape), count_flops(full)
+    full = shape.plan.full()
+    flops, full_flops = shape.count("flops"), full.count("flops")
     log_record(out / METRICS_FILE, {
         "phase": "derive", "method": config.method, "epoch": 0, "flops": flops,
-        "params": count_params(shape), "full_flops": full_flops,
-        "full_params": count_params(full),
+        "params": shape.count("params"), "full_flops": full_flops,
+        "full_params": full.count("params"),
         "target_flops": (config.search.flops_ratio or 1.0) * full_flops,
         "flops_ratio": flops / full_flops, "target_ratio": config.search.flops_ratio,
         "blocks": list(shape.blocks),
@@ -383,8 +398,8 @@ def _write_shape(config: PruneConfig, full: Shape, shape: Shape, out: Path,
     }, config.log)
 
 
-def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBundle,
-              quiet: bool) -> dict[str, Any]:
+def summarize(config: PruneConfig, teacher: nn.Module, model: nn.Module, data: DataBundle,
+              space: SearchSpace, quiet: bool) -> dict[str, Any]:
     """summary.json: unpruned vs pruned accuracy, FLOPs, params and latency.
 
     Latency is one paired measurement (`tasprune.evaluation.latency_report`) of the
@@ -397,9 +412,8 @@ def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBun
     pruned = evaluate_model(model, data, device, latency=None, quiet=quiet, what="pruned")
     size = (data.in_channels, data.resolution, data.resolution)
     timed = isolated_latency_report(model, size, config.latency, dense=teacher, name="pruned")
-    shape = model.shape
-    full = shape.replace(widths=shape.full_widths, blocks=shape.depths)
-    budgets = build_budgets(config.search, space_of(config.search, full))
+    shape = shape_of(model)
+    budgets = build_budgets(config.search, space)
     return {
         "model": config.model, "data": config.data, "method": config.method,
         "kd": config.train.kd_alpha > 0,
@@ -415,5 +429,83 @@ def summarize(config: PruneConfig, teacher: ResNet, model: ResNet, data: DataBun
         # every budget: the shape's cost over the unpruned net's (latency: the table's
         # prediction; the measured speed-up is in `latency`) and the target
         "budgets": {b.name: {"ratio": b.fraction(shape), "target": b.ratio} for b in budgets},
-        "shape": model.shape.to_dict(),
+        "shape": shape.to_dict(),
     }
+
+
+# a network given as a module in Python ---------------------------------------------------
+@dataclass
+class PruneModelResult:
+    """What `prune_model` hands back beside the pruned module."""
+
+    shape: PlanShape
+    flops: int
+    full_flops: int
+    params: int
+    full_params: int
+    teacher_acc: float | None = None
+    acc: float | None = None  # on the test split after fine-tuning
+    out_dir: Path | None = None
+    search_history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        line = (f"FLOPs {self.flops:,} of {self.full_flops:,} ({self.flops / self.full_flops:.3f})"
+                f", params {self.params:,} of {self.full_params:,} "
+                f"({self.params / self.full_params:.3f})")
+        if self.acc is not None:
+            line += f", test accuracy {self.acc:.4f}"
+            if self.teacher_acc is not None:
+                line += f" (unpruned {self.teacher_acc:.4f})"
+        return line
+
+
+def prune_model(model: nn.Module, data: DataBundle, flops_ratio: float | None = None,
+                params_ratio: float | None = None, *, search_config: SearchConfig | None = None,
+                train_config: TrainConfig | None = None,
+                out_dir: str | os.PathLike[str] = "runs/mine", method: str = "tas",
+                quiet: bool = False) -> tuple[nn.Module, PruneModelResult]:
+    """Prune `model` (a trained network of your own, any traceable CNN) to `flops_ratio` of
+    its FLOPs and/or `params_ratio` of its parameters on `data` (given either, they replace
+    the budgets of `search_config`; given neither, those hold: by default half the FLOPs);
+    returns the pruned module and the result.
+
+    The shape comes from the TAS search (`method` "tas", into `out_dir/search/`) or a
+    baseline ("uniform", "l1", "random"); the pruned network keeps the model's channels
+    of largest L1 norm (`tasprune.net.importance.inherit`) and is fine-tuned with
+    distillation from `model` for `train_config.epochs` (no fine-tuning when it is None),
+    with the checkpoints of `tasprune train`. Writes `out_dir/model.safetensors` +
+    `shape.json` (load with `tasprune.load_model(out_dir, factory)`). Run again into the
+    same `out_dir`, it continues where it stopped."""
+    out = Path(out_dir)
+    config = search_config or SearchConfig()
+    if flops_ratio is not None or params_ratio is not None:
+        config = dataclasses.replace(config, flops_ratio=flops_ratio, params_ratio=params_ratio)
+    if method not in ("tas", "uniform", "l1", "random"):
+        raise ValueError(f"method {method!r}: use tas, uniform, l1 or random")
+    spec = ModelSpec(None, data.num_classes, data.in_channels, data.resolution)
+    plan = network_plan(model, spec, free=not config.couple_residual)
+    model = mark(model.eval(), plan.full())
+    space = space_of(config, plan)
+    history: list[dict[str, Any]] = []
+    if method == "tas":
+        resume = has_checkpoint(out / "search" / SEARCH_CHECKPOINT)
+        result = search(model, data, config, out / "search", teacher=model, resume=resume,
+                        quiet=quiet)
+        shape, history = result.shape, result.history
+    else:
+        shape = baseline_shape(method, config, space, model)
+    pruned = inherit(model, shape)
+    mark(pruned, shape)
+    teacher_acc = acc = None
+    if train_config is not None:
+        trained = train(pruned, data, dataclasses.replace(train_config, inherit=False), out,
+                        teacher=model, resume=has_checkpoint(out / TRAIN_CHECKPOINT))
+        pruned, acc = trained.model, trained.metrics.get("test_acc")
+        teacher_acc = next((r["test_acc"] for r in read_jsonl(out / METRICS_FILE)
+                            if r.get("phase") == "teacher"), None)
+    else:
+        save_pruned(out, pruned, shape)
+    full = plan.full()
+    return pruned, PruneModelResult(shape, shape.count("flops"), full.count("flops"),
+                                    shape.count("params"), full.count("params"), teacher_acc,
+                                    acc, out, history)

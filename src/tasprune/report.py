@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tasprune._io import atomic_write_text, read_json, read_jsonl
-from tasprune.flops import count_flops, count_params
-from tasprune.shape import Shape
+from tasprune.export import read_shape
+from tasprune.net.plan import PlanShape
 
 REPORT_FILE = "report.md"
 
@@ -55,45 +55,50 @@ def _save(fig: Any, path: Path) -> None:
     fig.savefig(path, dpi=110)  # a figure without pyplot draws with Agg for PNG
 
 
-def plot_widths(shape: Shape, path: Path) -> None:
-    """Bars: full width (light) and searched width (dark) of every conv slot."""
-    full = shape.full_widths
-    kept = [True] * len(full)
-    labels = ["stem"]
-    for s, stage in enumerate(shape.skeleton.stages):
-        for blk in stage:
-            for j, conv in enumerate(blk.convs):
-                kept[conv.slot] = blk.index < shape.blocks[s]
-                labels.append(f"{s + 1}.{blk.index}.{j + 1}")
+def plot_widths(shape: PlanShape, path: Path) -> None:
+    """Bars: full width (light) and searched width (dark) of every searched channel
+    group (named after the first layer writing it)."""
+    plan = shape.plan
+    full = [plan.groups[g].size for g in plan.searched]
+    used = shape.used_groups()
+    labels = [plan.groups[g].name.removesuffix(".weight") for g in plan.searched]
     x = list(range(len(full)))
-    fig, ax = _figure((max(6.0, 0.18 * len(full) + 2), 3.8))
+    fig, ax = _figure((max(6.0, 0.18 * len(full) + 2), 4.2))
     ax.bar(x, full, color="#d0d7e2", label="full network", width=0.85)
-    ax.bar([i for i in x if kept[i]], [shape.widths[i] for i in x if kept[i]],
+    ax.bar([i for i in x if i in used], [shape.widths[i] for i in x if i in used],
            color="#2b6cb0", label="searched (kept)", width=0.85)
-    dropped = [i for i in x if not kept[i]]
+    dropped = [i for i in x if i not in used]
     if dropped:
         ax.bar(dropped, [shape.widths[i] for i in dropped], color="#e2a3a3", width=0.85,
                label="in a dropped block")
     step = max(1, len(full) // 40)
     ax.set_xticks(x[::step])
-    ax.set_xticklabels(labels[::step], rotation=90, fontsize=7)
-    ax.set_xlabel("conv (stage.block.conv)")
-    ax.set_ylabel("output channels")
-    ax.set_title("Width of every convolution: searched vs full")
+    ax.set_xticklabels(labels[::step], rotation=90, fontsize=6)
+    ax.set_xlabel("channel group (first layer writing it)")
+    ax.set_ylabel("channels")
+    ax.set_title("Width of every channel group: searched vs full")
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def plot_blocks(shape: Shape, path: Path) -> None:
-    stages = [f"stage {s + 1}" for s in range(len(shape.depths))]
-    fig, ax = _figure((4.5, 3.2))
-    ax.bar(stages, shape.depths, color="#d0d7e2", label="full network")
+def plot_blocks(shape: PlanShape, path: Path) -> None:
+    plan = shape.plan
+    stages = [plan.stage_name(s) for s in range(len(plan.stages))]
+    depths = [len(s) + 1 for s in plan.stages]
+    fig, ax = _figure((max(4.5, 1.2 * len(stages) + 1), 3.4))
+    if not stages:
+        ax.text(0.5, 0.5, "no stage of skippable blocks", ha="center", va="center")
+        ax.set_axis_off()
+        _save(fig, path)
+        return
+    ax.bar(stages, depths, color="#d0d7e2", label="full network")
     ax.bar(stages, shape.blocks, color="#2b6cb0", width=0.5, label="kept")
-    for i, (b, d) in enumerate(zip(shape.blocks, shape.depths, strict=True)):
+    for i, (b, d) in enumerate(zip(shape.blocks, depths, strict=True)):
         ax.text(i, b, f"{b}/{d}", ha="center", va="bottom", fontsize=9)
-    ax.set_ylim(0, 1.35 * max(shape.depths))  # room for the legend above the bars
-    ax.set_ylabel("residual blocks")
+    ax.set_ylim(0, 1.35 * max(depths))  # room for the legend above the bars
+    ax.set_ylabel("blocks")
     ax.set_title("Blocks kept per stage")
+    ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -327,13 +332,48 @@ def _health_table(search: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def _shape_lines(shape: PlanShape) -> list[str]:
+    """The shape section: costs, every channel group's width, the blocks every stage
+    keeps, the groups kept at full width and why."""
+    plan = shape.plan
+    full = plan.full()
+    flops, params = shape.count("flops"), shape.count("params")
+    full_flops, full_params = full.count("flops"), full.count("params")
+    space = "free shortcuts (a block whose widths differ grows a 1x1 projection)" \
+        if plan.free else "one width per residual stream"
+    lines = [
+        "## Shape", "",
+        f"{shape.describe()}; input {shape.in_channels}x{shape.resolution}x{shape.resolution}, "
+        f"{shape.num_classes} classes; search space: {space}.", "",
+        f"- FLOPs (multiply-accumulates of conv and linear layers): {flops:,} "
+        f"({flops / full_flops:.3f} of the full network's {full_flops:,})",
+        f"- params: {params:,} ({params / full_params:.3f} of {full_params:,})",
+        f"- blocks kept per stage: {list(shape.blocks)} of "
+        f"{[len(s) + 1 for s in plan.stages]}", "",
+        "| channel group (first layer writing it) | full | kept |", "|---|---:|---:|"]
+    used = shape.used_groups()
+    for i, (g, w) in enumerate(zip(plan.searched, shape.widths, strict=True)):
+        note = "" if i in used else " (in a dropped block)"
+        lines.append(f"| {plan.groups[g].name}{note} | {plan.groups[g].size} | {w} |")
+    if plan.stages:
+        lines += ["", "| stage | blocks | kept |", "|---|---:|---:|"]
+        for s, d in enumerate(shape.blocks):
+            lines.append(f"| {plan.stage_name(s)} | {len(plan.stages[s]) + 1} | {d} |")
+    fixed = [grp for grp in plan.groups if grp.fixed]
+    if fixed:
+        lines += ["", "Kept at full width: " + "; ".join(
+            f"{grp.name} ({grp.size}, {grp.fixed})" for grp in fixed[:12])
+            + (f"; and {len(fixed) - 12} more" if len(fixed) > 12 else "") + "."]
+    return [*lines, ""]
+
+
 def write_report(run_dir: str | os.PathLike[str]) -> Path:
     """(Re)generate `report.md` and its PNG plots in `run_dir`; returns the report's path."""
     run = Path(run_dir)
     if not (run / "shape.json").is_file():
         raise FileNotFoundError(f"{run}: no shape.json: not a tasprune run directory "
                                 "(run `tasprune prune`, `search` or `train` into it first)")
-    shape = Shape.load(run / "shape.json")
+    shape = read_shape(run / "shape.json")
     metrics = run / "metrics.jsonl"
     search = _records(metrics, "search")
     derive = next(iter(_records(metrics, "derive")[-1:]), None)
@@ -347,7 +387,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
 
     plot_widths(shape, run / "widths.png")
     plot_blocks(shape, run / "blocks.png")
-    images = [("Width of every convolution", "widths.png"), ("Blocks per stage", "blocks.png")]
+    images = [("Width of every channel group", "widths.png"), ("Blocks per stage", "blocks.png")]
     if search:
         plot_flops(search, derive, run / "flops.png")
         plot_tau(search, run / "tau.png")
@@ -362,18 +402,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
         note = latency_note(summary)
         lines += ["## Summary", "", *_summary_table(summary), "",
                   *([note, ""] if note else [])]
-    flops, params = count_flops(shape), count_params(shape)
-    full = shape.replace(widths=shape.full_widths, blocks=shape.depths)
-    lines += [
-        "## Shape", "",
-        f"{shape.describe()}; input {shape.in_channels}x{shape.resolution}x{shape.resolution}, "
-        f"{shape.num_classes} classes.", "",
-        f"- FLOPs (multiply-accumulates of conv and linear layers): {flops:,} "
-        f"({flops / count_flops(full):.3f} of the full network's {count_flops(full):,})",
-        f"- params: {params:,} ({params / count_params(full):.3f} of {count_params(full):,})",
-        f"- blocks kept per stage: {list(shape.blocks)} of {list(shape.depths)}",
-        "",
-    ]
+    lines += _shape_lines(shape)
     if derive and derive.get("method", "tas") != "tas":
         budgets = ", ".join(f"{name} {b['ratio']:.3f} (target {b['target']})"
                             for name, b in derive.get("budgets", {}).items())

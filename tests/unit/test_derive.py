@@ -1,14 +1,17 @@
 import pytest
 import torch
 
-from tasprune import Shape, count_flops
+from helpers import network
+from tasprune import count_flops
 from tasprune.tas.derive import derive_in_band
-from tasprune.tas.space import SearchSpace, used_slots
+from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
 
 
 def _net(name: str) -> SuperNet:
-    return SuperNet(SearchSpace.from_shape(Shape.full(name, num_classes=10, resolution=8)))
+    """The supernet of the paper's (free) space: one group per conv, in slot order."""
+    model, plan = network(name, 10, 3, 8)
+    return SuperNet(SearchSpace.from_plan(plan), model)
 
 
 def _derive(net: SuperNet, ratio: float, tolerance: float = 0.05):
@@ -103,7 +106,7 @@ def test_filling_uses_the_budget_and_never_passes_it(name):
             assert plain.flops <= filled.flops <= ratio * full
             # no single widening move still fits under the target
             wi, di = net.space.indices_of(filled.shape)
-            used = used_slots(filled.shape)
+            used = filled.shape.used_groups()
             for s in used:
                 if wi[s] + 1 < len(net.space.widths[s]):
                     w = [*wi[:s], wi[s] + 1, *wi[s + 1:]]

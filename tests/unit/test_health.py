@@ -1,12 +1,11 @@
 import pytest
 import torch
 
-from helpers import synthetic_bundle
-from tasprune import Shape, build_model
+from helpers import network, synthetic_bundle
+from tasprune.net.importance import l1_scores, reorder
 from tasprune.tas.health import accuracy, recalibrate_bn, subnet_accuracy
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
-from tasprune.training.inherit import reorder_channels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,15 +26,15 @@ def test_the_full_shape_cut_from_the_supernet_is_the_teacher():
     # A supernet started from a (channel-reordered) teacher: its full shape, recalibrated,
     # gives the teacher's logits and accuracy when the teacher is recalibrated alike.
     data = synthetic_bundle(n_train=64, classes=3, size=8)
-    full = Shape.full("resnet14", num_classes=3, in_channels=1, resolution=8)
     torch.manual_seed(0)
-    teacher = build_model(full)
+    teacher, plan = network("resnet14", 3, 1, 8)
+    full = plan.full()
     x = data.transform(data.train.images[:32])
     teacher.train()
     with torch.no_grad():
         teacher(x)  # non-trivial running statistics
-    net = SuperNet(SearchSpace.from_shape(full))
-    net.load_teacher(reorder_channels(teacher.eval()).state_dict())
+    net = SuperNet(SearchSpace.from_plan(plan), reorder(teacher.eval(), plan,
+                                                        l1_scores(teacher, plan)))
     calibrate, held_out = torch.arange(0, 32), torch.arange(32, 64)
     acc = subnet_accuracy(net, full, data, calibrate, held_out, batch_size=16)
     recalibrate_bn(teacher, [data.transform(data.train.images[calibrate[i:i + 16]])

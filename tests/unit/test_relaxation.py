@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasprune import Shape, build_model
+from helpers import network
 from tasprune.tas.cost import flop_loss
+from tasprune.tas.layers import Choice, ChoiceBN, resize_matrix
 from tasprune.tas.sampling import entropy
 from tasprune.tas.searcher import SearchConfig, SearchLoop, arch_lr, warmup_steps
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.step import weight_loss
-from tasprune.tas.supernet import Choice, ChoiceBN, SuperNet, resize_matrix
+from tasprune.tas.supernet import SuperNet
 from tasprune.training.distill import DistillConfig, distill_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,8 +60,9 @@ def test_the_expected_width_scales_channel_i_by_the_probability_it_is_kept():
 
 def _net(name="resnet14", res=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return SuperNet(SearchSpace.from_shape(Shape.full(name, num_classes=4, resolution=res)),
-                    gen), gen
+    torch.manual_seed(seed)
+    model, plan = network(name, 4, 3, res)
+    return SuperNet(SearchSpace.from_plan(plan), model, gen), gen
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet32"])
@@ -78,8 +80,7 @@ def test_the_one_hot_expected_architecture_is_the_pruned_network(name):
             net.depth_logits.zero_()
             net.width_logits[torch.arange(len(wi)), torch.tensor(wi)] = HUGE
             net.depth_logits[torch.arange(len(di)), torch.tensor(di)] = HUGE
-        model = build_model(shape)
-        model.load_state_dict(net.state_dict_for(shape))
+        model = net.subnet(shape)
         x = torch.randn(3, 3, 8, 8, generator=gen)
         net.eval()
         model.eval()
@@ -100,12 +101,14 @@ def test_the_nested_depth_relaxation():
     assert all(c.gate for c in arch.depths) and not any(c.gate for c in arch.widths)
     x = torch.randn(2, 3, 8, 8, generator=gen)
     with torch.no_grad():
-        h = F.relu(net.stem(x.contiguous(memory_format=torch.channels_last), arch.widths[0]))
-        for blocks in net.stages:
-            y = blocks[0](h, arch.widths)
-            y = y + 0.8 * (blocks[1](y, arch.widths) - y)
-            h = y + (0.3 / 0.8) * (blocks[2](y, arch.widths) - y)
-        ref = net.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+        net.ctx.set(arch)  # where the swapped layers read the architecture
+        m = net.net
+        h = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        for lead, first, second in m.stage_modules():  # the gated blocks run themselves
+            y = lead(h)
+            y = y + 0.8 * (first.block(y) - y)
+            h = y + (0.3 / 0.8) * (second.block(y) - y)
+        ref = m.fc(torch.flatten(m.avgpool(h), 1))
         assert torch.allclose(net(x, arch), ref, atol=1e-5)
 
 
@@ -143,7 +146,7 @@ def test_the_flop_loss_direction_moves_to_the_argmax_over_the_search():
 
 
 def test_the_weight_step_distils_from_the_teacher():
-    teacher = build_model(Shape.full("resnet8", num_classes=4, resolution=8)).eval()
+    teacher = network("resnet8", 4, 3, 8)[0].eval()
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 3, 8, 8, generator=gen), torch.arange(6) % 4
     logits = torch.randn(6, 4, generator=gen)

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from tasprune import Shape, count_flops
+from helpers import space_of
+from tasprune.tas.layers import channel_interp, interp_matrix
 from tasprune.tas.sampling import gumbel_softmax, gumbel_topk, mean_entropy, tau_at
-from tasprune.tas.space import SearchSpace, depth_choices, width_choices
-from tasprune.tas.supernet import channel_interp, interp_matrix
+from tasprune.tas.space import depth_choices, width_choices
 
 
 def test_width_choices_floor_ratios_dedup_sorted():
@@ -36,23 +36,25 @@ def test_depth_choices():
     assert depth_choices(18) == (1, 3, 5, 7, 9, 11, 13, 15, 17, 18)
 
 
-def test_space_of_a_model_and_its_extremes():
-    full = Shape.full("resnet20")
-    space = SearchSpace.from_shape(full)
-    assert space.num_slots == len(full.widths) and space.num_stages == 3
+@pytest.mark.parametrize("free", [True, False])
+def test_space_of_a_model_and_its_extremes(free):
+    space = space_of("resnet20", 10, 3, 32, free=free)
+    full = space.full
+    # free: the stem and every conv a group of its own; coupled: one per residual stream
+    assert space.num_groups == (19 if free else 12) and space.num_stages == 3
     assert space.depths == ((1, 2, 3),) * 3
     assert space.smallest().blocks == (1, 1, 1)
     assert all(w == c[0] for w, c in zip(space.smallest().widths, space.widths, strict=True))
     low = space.min_flops_ratio()
     assert 0 < low < 0.1
-    assert math.isclose(low, count_flops(space.smallest()) / count_flops(full))
+    assert math.isclose(low, space.smallest().count("flops") / full.count("flops"))
     shape = space.shape([len(c) - 1 for c in space.widths], [2, 2, 2])
     assert shape == full
     assert space.indices_of(shape) == ([len(c) - 1 for c in space.widths], [2, 2, 2])
-    with pytest.raises(ValueError, match="unpruned"):
-        SearchSpace.from_shape(full.replace(blocks=(1, 2, 3)))
     with pytest.raises(ValueError, match="not in the search space"):
         space.width_index(0, 5)
+    with pytest.raises(ValueError, match="not of this search space"):
+        space.indices_of(space_of("resnet20", 10, 3, 32, free=not free).full)
 
 
 def _padded_logits(rows, cols, gen):

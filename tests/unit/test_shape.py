@@ -5,7 +5,8 @@ import torch
 
 from helpers import hook_flops
 from tasprune import Shape, build_model, count_flops, count_params, paper_shape, paper_shape_names
-from tasprune.shape import PAPER_SHAPES_DIR
+from tasprune.models.network import from_view, to_view
+from tasprune.models.shape import PAPER_SHAPES_DIR
 
 
 def test_full_shape_fields():
@@ -72,6 +73,29 @@ def test_all_twelve_paper_shapes_load_build_and_count():
         assert count_params(shape) == sum(p.numel() for p in model.parameters())
 
 
+# FLOPs and params of the published shapes, as the per-ResNet walker of earlier versions
+# counted them (and as the hook counter of the test above agrees at small sizes)
+_PINNED = {
+    "C010-ResNet110": (119_259_268, 795_864), "C010-ResNet164": (178_071_234, 1_280_969),
+    "C010-ResNet20": (22_444_482, 228_130), "C010-ResNet32": (34_945_354, 320_539),
+    "C010-ResNet56": (59_858_440, 449_307), "C100-ResNet110": (119_578_384, 843_653),
+    "C100-ResNet164": (171_143_892, 1_327_338), "C100-ResNet20": (22_433_892, 241_237),
+    "C100-ResNet32": (42_468_708, 427_330), "C100-ResNet56": (61_233_936, 470_977),
+    "ImageNet-ResNet18V1": (1_210_758_120, 11_275_098),
+    "ImageNet-ResNet50V1": (2_309_249_169, 18_624_362),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PINNED))
+def test_paper_shapes_are_exact_in_the_plan(name):
+    """A published shape read into the layer plan keeps every width and depth: the view
+    comes back unchanged, and the counts are the pinned ones."""
+    view = paper_shape(name)
+    shape = from_view(view)
+    assert to_view(shape) == view
+    assert (shape.count("flops"), shape.count("params")) == _PINNED[name]
+
+
 def test_paper_shape_fields():
     s = paper_shape("C010-ResNet20")
     assert s.blocks == (3, 3, 3) and s.widths[:3] == (16, 6, 4) and s.num_classes == 10
@@ -84,7 +108,8 @@ def test_paper_shape_fields():
 def test_tas_config_roundtrip(tmp_path):
     for name in ("C100-ResNet164", "ImageNet-ResNet18V1"):
         s = paper_shape(name)
-        s.to_tas_config(tmp_path / "x.config")
+        text = s.to_tas_config(count_flops(s), tmp_path / "x.config")
+        assert f'"{count_flops(s) / 1e6:.6f}"' in text  # the count of the network it builds
         again = Shape.from_tas_config(tmp_path / "x.config")
         assert again == s
         assert Shape.load(tmp_path / "x.config") == s

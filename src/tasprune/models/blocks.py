@@ -1,4 +1,9 @@
-"""Residual blocks whose every width comes from the caller (a Shape)."""
+"""Residual blocks whose every width comes from the caller (a Shape).
+
+Both blocks declare a *free shortcut* (`free_shortcut`, `make_shortcut`): in the TAS
+paper's search space an identity shortcut may join a block's input and output at
+different widths, and the block then grows a 1x1 projection (conv + BN) at `downsample`.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +28,22 @@ class Projection(nn.Module):
         return self.bn(self.conv(self.pool(x)))
 
 
+class _FreeShortcut:
+    """A block whose identity shortcut may become a projection at `downsample`."""
+
+    free_shortcut = "downsample"
+
+    def make_shortcut(self, in_ch: int, out_ch: int) -> Projection:
+        """The stride-1 projection the block grows when its widths differ (conv + BN)."""
+        return Projection(in_ch, out_ch, 1, True)
+
+
 def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
     conv = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
     return conv, nn.BatchNorm2d(out_ch)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_FreeShortcut, nn.Module):
     """Two 3x3 convs (He et al., 2016); the stride sits on the first."""
 
     expansion = 1
@@ -44,13 +59,13 @@ class BasicBlock(nn.Module):
                            if needs_projection else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_FreeShortcut, nn.Module):
     """1x1 reduce, 3x3 (strided), 1x1 expand (ResNet v1.5: stride on the 3x3)."""
 
     expansion = 4
@@ -67,10 +82,10 @@ class Bottleneck(nn.Module):
                            if needs_projection else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
 

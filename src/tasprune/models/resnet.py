@@ -2,7 +2,7 @@
 
 The two families differ only in their stem (3x3 conv vs 7x7 stride-2 conv and
 max pool), base widths and whether the strided projection has BN; those are
-constants of `tasprune.families`. One definition serves the unpruned network
+constants of `tasprune.models.families`. One definition serves the unpruned network
 and every pruned one, with stable parameter names (torchvision style: conv1,
 bn1, layerN.M.convK, layerN.M.downsample, fc) so checkpoints load across
 versions.
@@ -10,20 +10,16 @@ versions.
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
 import torch
 from torch import nn
 
 from tasprune.models.blocks import BLOCKS
-from tasprune.shape import Shape
+from tasprune.models.shape import Shape
 
 
 class ResNet(nn.Module):
     def __init__(self, shape: Shape) -> None:
         super().__init__()
-        self.shape = shape
         skel = shape.skeleton
         spec = skel.family
         k = spec.stem_kernel
@@ -41,21 +37,29 @@ class ResNet(nn.Module):
                 blocks.append(block_cls(in_ch, widths, blk.stride, blk.shortcut_bn))  # type: ignore[arg-type]
                 in_ch = widths[-1]
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(skel.stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_ch, shape.num_classes)
-        self._init_weights()
+        self._init(linear=False)  # the classifier has just initialised itself
 
-    def _init_weights(self) -> None:
-        # He et al. 2015 ("Delving deep into rectifiers") for convs, as torchvision
+    def reset_parameters(self) -> None:
+        """He et al. 2015 ("Delving deep into rectifiers") for convs, as torchvision; BN 1
+        and 0; the classifier as nn.Linear initialises itself."""
+        self._init(linear=True)
+
+    def _init(self, linear: bool) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear) and linear:
+                m.reset_parameters()
 
     def stage_modules(self) -> list[nn.Sequential]:
-        return [getattr(self, f"layer{s + 1}") for s in range(len(self.shape.blocks))]
+        return [getattr(self, f"layer{s + 1}") for s in range(self.num_stages)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -63,16 +67,3 @@ class ResNet(nn.Module):
             x = stage(x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> Any:
-        """Save in Hugging Face Hub layout (see `tasprune.hub.save_pretrained`)."""
-        from tasprune.hub import save_pretrained
-
-        return save_pretrained(self, save_directory, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike[str], **kwargs: Any) -> ResNet:
-        """Load a local directory or Hub repository (see `tasprune.hub.from_pretrained`)."""
-        from tasprune.hub import from_pretrained
-
-        return from_pretrained(name_or_path, **kwargs)

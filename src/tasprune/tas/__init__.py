@@ -1,11 +1,12 @@
-"""The TAS algorithm: the space of widths and depths, Gumbel sampling, the supernet, the
-cost losses and the derivation of the shape (docs/search.md). The search loop that runs
-it is `tasprune.search` (`tasprune.tas.searcher`)."""
+"""The TAS algorithm on any layer plan: the space of widths and depths, Gumbel sampling,
+the supernet, the cost losses and the derivation of the shape (docs/search.md). The
+search loop that runs it is `tasprune.search` (`tasprune.tas.searcher`)."""
 
 from tasprune.tas.cost import FlopLoss, expected_cost, flop_loss, supernet_flop_loss
+from tasprune.tas.layers import Arch, channel_interp
 from tasprune.tas.sampling import gumbel_softmax, gumbel_topk, tau_at
 from tasprune.tas.space import SearchSpace, depth_choices, width_choices
-from tasprune.tas.supernet import Arch, SuperNet, channel_interp
+from tasprune.tas.supernet import SuperNet
 
 __all__ = [
     "Arch",

@@ -1,10 +1,11 @@
-"""Expected FLOPs of the searched distributions and the FLOP loss.
+"""The costs of the searched distributions and the cost (FLOP) loss.
 
-The expectation is `tasprune.flops.expected_flops`, the same layer walk as the
-exact count, fed with `WidthDist(choices, softmax(a_l))` per conv slot and
-`DepthDist(choices, softmax(b_s))` per stage: it depends on the logits only
-(no forward pass) and is differentiable. Computed in float64 so that one-hot
-logits reproduce the integer count exactly.
+A cost's expectation is the same count as its exact value (`tasprune.net.plan.plan_cost`
+for FLOPs and parameters, a latency table's sum for latency), fed with
+`WidthDist(choices, softmax(a_g))` per searched group and `DepthDist(choices,
+softmax(b_s))` per stage: it depends on the logits only (no forward pass) and is
+differentiable. Computed in float64 so that one-hot logits reproduce the integer count
+exactly.
 
 FLOP loss (the paper's): with F_cur the exact FLOPs of the current argmax shape,
 F_tgt = ratio * F_full and t = tolerance * F_full, the loss is log E[F] when
@@ -21,22 +22,31 @@ from dataclasses import dataclass
 
 import torch
 
-from tasprune.families import Skeleton
-from tasprune.flops import (
+from tasprune.net.plan import (
     DepthDist,
+    LayerPlan,
+    PlanShape,
     WidthDist,
-    count_flops,
-    count_params,
-    expected_flops,
-    expected_params,
+    expected_plan_flops,
+    expected_plan_params,
 )
-from tasprune.plan import PlanShape, expected_plan_flops, expected_plan_params
-from tasprune.shape import Shape
 from tasprune.tas.sampling import masked_softmax
 from tasprune.tas.space import SearchSpace
-from tasprune.tas.supernet import SuperNet
+from tasprune.tas.supernet import Distributions
 
-Expectation = Callable[[Skeleton, Sequence[WidthDist], Sequence[DepthDist]], torch.Tensor]
+Expectation = Callable[[LayerPlan, Sequence[WidthDist], Sequence[DepthDist]], torch.Tensor]
+
+
+def distributions_of(space: SearchSpace, width_logits: torch.Tensor,
+                     depth_logits: torch.Tensor, width_mask: torch.Tensor,
+                     depth_mask: torch.Tensor) -> tuple[list[WidthDist], list[DepthDist]]:
+    """The width and depth distributions of the logits, in float64."""
+    wp = masked_softmax(width_logits.double(), width_mask)
+    dp = masked_softmax(depth_logits.double(), depth_mask)
+    widths = [WidthDist(values=wp.new_tensor(c), probs=wp[g, : len(c)])
+              for g, c in enumerate(space.widths)]
+    depths = [DepthDist(choices=c, probs=dp[s, : len(c)]) for s, c in enumerate(space.depths)]
+    return widths, depths
 
 
 def expected_cost(space: SearchSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor,
@@ -44,18 +54,12 @@ def expected_cost(space: SearchSpace, width_logits: torch.Tensor, depth_logits: 
                   expectation: Expectation | None = None) -> torch.Tensor:
     """E[cost] (float64 tensor, differentiable w.r.t. the logits); the cost is FLOPs unless
     another `expectation` (e.g. `Budget.expected`) is given."""
-    expectation = expectation or space.expected_flops
-    wp = masked_softmax(width_logits.double(), width_mask)
-    dp = masked_softmax(depth_logits.double(), depth_mask)
-    dists = [WidthDist(values=wp.new_tensor(c), probs=wp[s, : len(c)])
-             for s, c in enumerate(space.widths)]
-    # tied slots share one distribution object: `flops` sees they are one variable
-    widths = [dists[t] for t in space.ties]
-    depths = [DepthDist(choices=c, probs=dp[s, : len(c)]) for s, c in enumerate(space.depths)]
-    return expectation(space.full.skeleton, widths, depths)
+    widths, depths = distributions_of(space, width_logits, depth_logits, width_mask,
+                                      depth_mask)
+    return (expectation or expected_plan_flops)(space.plan, widths, depths)
 
 
-def supernet_expected_flops(net: SuperNet) -> torch.Tensor:
+def supernet_expected_flops(net: Distributions) -> torch.Tensor:
     """E[FLOPs] of a supernet's current distributions."""
     return expected_cost(net.space, net.width_logits, net.depth_logits, net.width_mask,
                          net.depth_mask)
@@ -67,13 +71,13 @@ class FlopLoss:
 
     loss: torch.Tensor  # 0-dim, differentiable
     expected: float  # E[F] under the current distributions
-    current: int  # exact FLOPs of the argmax shape
+    current: float  # exact cost (FLOPs) of the argmax shape
     target: float  # ratio * F_full
     tolerance: float  # tolerance * F_full
     direction: int  # +1: above target (shrink), -1: below the band (grow), 0: inside
 
 
-def flop_loss(expected: torch.Tensor, current: int, full: int, ratio: float,
+def flop_loss(expected: torch.Tensor, current: float, full: float, ratio: float,
               tolerance: float = 0.05, argmax_weight: float = 1.0) -> FlopLoss:
     """The FLOP loss from E[F] (tensor) and the argmax shape's exact FLOPs `current`.
 
@@ -95,13 +99,13 @@ def flop_loss(expected: torch.Tensor, current: int, full: int, ratio: float,
                     target=target, tolerance=tol, direction=direction)
 
 
-def supernet_flop_loss(net: SuperNet, ratio: float, tolerance: float = 0.05,
+def supernet_flop_loss(net: Distributions, ratio: float, tolerance: float = 0.05,
                        full_flops: int | None = None, argmax_weight: float = 1.0
                        ) -> FlopLoss:
     """FLOP loss of a supernet on E[F], its direction from the argmax shape's exact FLOPs
     and E[F] (see `flop_loss`)."""
-    full = count_flops(net.space.full) if full_flops is None else full_flops
-    return flop_loss(supernet_expected_flops(net), count_flops(net.derive()), full, ratio,
+    full = net.space.full.count("flops") if full_flops is None else full_flops
+    return flop_loss(supernet_expected_flops(net), net.derive().count("flops"), full, ratio,
                      tolerance, argmax_weight)
 
 
@@ -114,38 +118,35 @@ class Budget:
     name: str  # "flops", "params", "latency@<batch>"
     ratio: float
     full: float
-    exact: Callable[[Shape], float]
+    exact: Callable[[PlanShape], float]
     expected: Expectation
 
     @property
     def target(self) -> float:
         return self.ratio * self.full
 
-    def fraction(self, shape: Shape) -> float:
+    def fraction(self, shape: PlanShape) -> float:
         """The shape's cost as a fraction of the unpruned network's."""
         return self.exact(shape) / self.full
 
 
-def flops_budget(full: Shape | PlanShape, ratio: float) -> Budget:
-    expected = expected_plan_flops if isinstance(full, PlanShape) else expected_flops
-    return Budget("flops", ratio, count_flops(full), count_flops, expected)
+def _flops(shape: PlanShape) -> float:
+    return shape.count("flops")
 
 
-def params_budget(full: Shape | PlanShape, ratio: float) -> Budget:
-    expected = expected_plan_params if isinstance(full, PlanShape) else expected_params
-    return Budget("params", ratio, count_params(full), count_params, expected)
+def _params(shape: PlanShape) -> float:
+    return shape.count("params")
 
 
-def latency_budget(full: Shape, ratio: float, table: object) -> Budget:
-    """A latency budget priced by a `tasprune.latency_table.LatencyTable` (at its batch)."""
-    from tasprune.latency_table import LatencyTable
-
-    assert isinstance(table, LatencyTable)
-    return Budget(f"latency@{table.batch}", ratio, table.predict(full), table.predict,
-                  table.expected)
+def flops_budget(full: PlanShape, ratio: float) -> Budget:
+    return Budget("flops", ratio, full.count("flops"), _flops, expected_plan_flops)
 
 
-def normalized_cost(budgets: Sequence[Budget]) -> Callable[[Shape], float]:
+def params_budget(full: PlanShape, ratio: float) -> Budget:
+    return Budget("params", ratio, full.count("params"), _params, expected_plan_params)
+
+
+def normalized_cost(budgets: Sequence[Budget]) -> Callable[[PlanShape], float]:
     """The largest of a shape's costs over their targets: at most 1 when the shape meets
     every budget."""
     return lambda shape: max(b.exact(shape) / b.target for b in budgets)
@@ -171,8 +172,8 @@ class BudgetLoss:
         return 1 if 1 in directions else -1 if -1 in directions else 0
 
 
-def supernet_budget_loss(net: SuperNet, budgets: Sequence[Budget], tolerance: float = 0.05,
-                         argmax_weight: float = 1.0) -> BudgetLoss:
+def supernet_budget_loss(net: Distributions, budgets: Sequence[Budget],
+                         tolerance: float = 0.05, argmax_weight: float = 1.0) -> BudgetLoss:
     """The loss of `flop_loss` for every budget (its cost in place of the FLOPs), summed."""
     shape = net.derive()
     parts = {}

@@ -5,7 +5,7 @@ search its FLOPs can lie outside the band [target - tolerance, target]; then
 `derive_in_band` walks from it to the in-band shape that stays closest to the
 learned distributions, one choice at a time:
 
-1. while above the target, take the narrowing move (one slot one width choice
+1. while above the target, take the narrowing move (one group one width choice
    down, or one stage one depth choice down) that gives up the least
    log-probability per FLOP saved, unless a move that reaches the target gives up
    no more log-probability than that one: then the cheapest such move;
@@ -33,8 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tasprune.flops import count_flops
-from tasprune.shape import Shape
+from tasprune.net.plan import PlanShape
 from tasprune.tas.sampling import masked_log_softmax
 from tasprune.tas.space import SearchSpace
 
@@ -43,8 +42,8 @@ from tasprune.tas.space import SearchSpace
 class Derived:
     """The derived shape, the argmax shape it came from, and whether it had to move."""
 
-    shape: Shape
-    argmax: Shape
+    shape: PlanShape
+    argmax: PlanShape
     flops: int
     argmax_flops: int
     adjusted: bool
@@ -58,7 +57,7 @@ def _rows(logits: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
 def derive_in_band(space: SearchSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor,
                    width_mask: torch.Tensor, depth_mask: torch.Tensor, ratio: float,
                    tolerance: float, fill: bool = False,
-                   cost: tuple[Callable[[Shape], float], float, float] | None = None
+                   cost: tuple[Callable[[PlanShape], float], float, float] | None = None
                    ) -> Derived:
     """The argmax shape, or the closest in-band shape when the argmax is outside the band
     [ratio - tolerance, ratio] (fractions of the unpruned FLOPs); with `fill`, then widened
@@ -68,8 +67,8 @@ def derive_in_band(space: SearchSpace, width_logits: torch.Tensor, depth_logits:
     (several budgets: `cost.normalized_cost`); `ratio` and `tolerance` are then unused."""
     wlp, dlp = _rows(width_logits, width_mask), _rows(depth_logits, depth_mask)
     if cost is None:
-        full = count_flops(space.full)
-        price: Callable[[Shape], float] = count_flops
+        full = space.full.count("flops")
+        price: Callable[[PlanShape], float] = _flops
         target, low = ratio * full, (ratio - tolerance) * full
     else:
         price, target, low = cost
@@ -96,11 +95,15 @@ def derive_in_band(space: SearchSpace, width_logits: torch.Tensor, depth_logits:
         wi, di, c = _walk(space, price, wi, di, c, wlp, dlp, +1, lambda f: True,
                           lambda f: f <= target)
     shape = space.shape(wi, di)
-    return Derived(shape=shape, argmax=argmax, flops=count_flops(shape),
-                   argmax_flops=count_flops(argmax), adjusted=shape != argmax)
+    return Derived(shape=shape, argmax=argmax, flops=shape.count("flops"),
+                   argmax_flops=argmax.count("flops"), adjusted=shape != argmax)
 
 
-def _walk(space: SearchSpace, price: Callable[[Shape], float], wi: list[int], di: list[int],
+def _flops(shape: PlanShape) -> float:
+    return shape.count("flops")
+
+
+def _walk(space: SearchSpace, price: Callable[[PlanShape], float], wi: list[int], di: list[int],
           flops: float, wlp: list[list[float]], dlp: list[list[float]], step: int,
           go_on: Callable[[float], bool], allowed: Callable[[float], bool],
           greedy_flops: bool = False) -> tuple[list[int], list[int], float]:

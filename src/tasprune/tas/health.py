@@ -2,7 +2,7 @@
 
 The supernet's own accuracy during the search is that of sampled mixtures of
 sub-networks, which says little about the one network the search hands over.
-`subnet_accuracy` cuts that network out of the supernet (`state_dict_for`),
+`subnet_accuracy` cuts that network out of the supernet (`SuperNet.subnet`),
 re-estimates its BatchNorm statistics on a few training batches (the running
 statistics a supernet keeps are shared by many sub-networks and fit none of
 them), and measures its accuracy on held-out images.
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tasprune.data.source import DataBundle
-from tasprune.shape import Shape
+from tasprune.net.plan import PlanShape
 from tasprune.tas.supernet import SuperNet
 
 
@@ -51,7 +51,7 @@ def accuracy(model: nn.Module, data: DataBundle, indices: torch.Tensor, batch_si
     return correct / max(len(indices), 1)
 
 
-def subnet_accuracy(net: SuperNet, shape: Shape, data: DataBundle, calibrate: torch.Tensor,
+def subnet_accuracy(net: SuperNet, shape: PlanShape, data: DataBundle, calibrate: torch.Tensor,
                     held_out: torch.Tensor, batch_size: int) -> float:
     """Accuracy on training images `held_out` of the pruned network of `shape` cut from
     the supernet, its BatchNorm statistics re-estimated on training images `calibrate`."""
@@ -75,7 +75,7 @@ class Health:
     batch_size: int
     teacher_acc: float | None = None
 
-    def measure(self, net: SuperNet, shape: Shape) -> dict[str, float]:
+    def measure(self, net: SuperNet, shape: PlanShape) -> dict[str, float]:
         out = {"subnet_acc": subnet_accuracy(net, shape, self.data, self.calibrate,
                                              self.held_out, self.batch_size)}
         if self.teacher_acc is not None:

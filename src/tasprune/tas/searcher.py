@@ -23,12 +23,12 @@ from tasprune._io import read_jsonl
 from tasprune.checkpoint import rng_state, set_rng_state
 from tasprune.config import from_dict, to_dict
 from tasprune.data.source import DataBundle, per_class_split
-from tasprune.device import check_fits_data, resolve_amp
+from tasprune.device import resolve_amp
 from tasprune.dist import Dist, per_rank_batch
-from tasprune.export import SHAPE_FILE, Teacher, as_teacher
+from tasprune.export import SHAPE_FILE, Teacher, resolve_network
 from tasprune.faults import Interrupted, StopRequest
-from tasprune.flops import count_flops, count_params
-from tasprune.models import ResNet
+from tasprune.net.importance import reorder, taylor_scores
+from tasprune.net.plan import LayerPlan, PlanShape
 from tasprune.phase import (
     METRICS_FILE,
     SEARCH_CHECKPOINT,
@@ -40,10 +40,8 @@ from tasprune.phase import (
     rank_max_diff,
     stream,
 )
-from tasprune.plan import PlanShape
 from tasprune.progress import progress
 from tasprune.settings import SearchConfig
-from tasprune.shape import Shape
 from tasprune.tas.budgets import build_budgets, check_budget, space_of
 from tasprune.tas.cost import (
     Budget,
@@ -55,12 +53,9 @@ from tasprune.tas.cost import (
 )
 from tasprune.tas.derive import derive_in_band
 from tasprune.tas.health import Health, accuracy
-from tasprune.tas.plan_supernet import PlanSuperNet
 from tasprune.tas.sampling import mean_entropy, tau_at
-from tasprune.tas.space import PlanSpace, SearchSpace
 from tasprune.tas.step import STATS, StepOut, search_step
 from tasprune.tas.supernet import SuperNet
-from tasprune.training.inherit import reorder_channels, taylor_importance
 from tasprune.training.optim import WarmupCosine, make_sgd
 
 _KIND = "tasprune.search/2"  # /2: the in-place KD search (1 had no suffix)
@@ -70,7 +65,7 @@ _KIND = "tasprune.search/2"  # /2: the in-place KD search (1 had no suffix)
 class SearchResult:
     """The derived shape and its cost next to the target (FLOPs as multiply-accumulates)."""
 
-    shape: Shape
+    shape: PlanShape
     flops: int
     params: int
     full_flops: int
@@ -174,7 +169,7 @@ class SearchLoop:
     full_flops: int
     steps: int
     run: Run
-    shape_full: Shape | PlanShape
+    shape_full: PlanShape
     budgets: tuple[Budget, ...] = ()
     teacher: bool = False
     teacher_net: nn.Module | None = None  # distilled from in the weight step
@@ -306,7 +301,7 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
         run.add(out)
         if not quiet and step % 20 == 0:
             bar.set_postfix(loss=f"{float(out.stats[0]) / len(yt):.3f}", tau=f"{tau:.2f}",
-                            flops=f"{count_flops(net.derive()) / loop.full_flops:.3f}")
+                            flops=f"{net.derive().count('flops') / loop.full_flops:.3f}")
         if step + 1 == loop.steps:
             loop.stopped = signum  # the epoch end writes the checkpoint
         elif signum:
@@ -318,9 +313,9 @@ def search_epoch(loop: SearchLoop, epoch: int, quiet: bool = False) -> dict[str,
     s = run.totals(dist)
     n_train, n_valid = max(s[2], 1), max(s[5], 1)
     shape = net.derive()
-    flops = count_flops(shape)
+    flops = shape.count("flops")
     expected = float(supernet_expected_flops(net).detach())
-    searched = net.searched_width_logits()
+    searched = (net.width_logits, net.width_mask)
     record = {
         "phase": "search", "epoch": epoch + 1, "tau": tau, "lr": run.lr,
         "arch_lr": loop.a_opt.param_groups[0]["lr"], "arch_steps": int(s[7]),
@@ -377,51 +372,49 @@ def _subset(indices: torch.Tensor, n: int, generator: torch.Generator) -> torch.
     return torch.sort(pick).values
 
 
-def _reordered(teacher: ResNet, data: DataBundle, images: torch.Tensor, batch_size: int,
-               dist: Dist) -> ResNet:
-    """The teacher with its channels sorted by Taylor importance on `images` (computed
-    on rank 0 and shared, so every rank starts from the same supernet)."""
+def _reordered(teacher: nn.Module, plan: LayerPlan, data: DataBundle, images: torch.Tensor,
+               batch_size: int, dist: Dist) -> nn.Module:
+    """The teacher with the channels of every group sorted by Taylor importance on `images`
+    (computed on rank 0 and shared, so every rank starts from the same supernet)."""
     device = next(teacher.parameters()).device
     batches = ((data.transform(x.to(device)), y.to(device))
                for x, y in data.train.batches(batch_size, indices=images))
-    importance = taylor_importance(teacher, batches)
+    scores = taylor_scores(teacher, plan, batches)
     if dist.enabled:
-        for scores in importance.values():
-            dist.broadcast_(scores)
-    return reorder_channels(teacher, importance)
+        for g in sorted(scores):
+            scores[g] = scores[g].to(device)
+            dist.broadcast_(scores[g])
+    return reorder(teacher, plan, scores)
 
 
-def _supernet(space: SearchSpace | PlanSpace, teacher: nn.Module | None,
-              generator: torch.Generator) -> SuperNet | PlanSuperNet:
-    """The supernet of a built-in ResNet's space, or of a planned network's (built from
-    the network itself, `teacher`)."""
-    if isinstance(space, SearchSpace):
-        return SuperNet(space, generator)
-    if teacher is None:
-        raise ValueError("searching a network of your own needs the network itself as the "
-                         "teacher (its trained weights are where the search starts)")
-    return PlanSuperNet(space, teacher, generator)
+def search(network: str | nn.Module, data: DataBundle, config: SearchConfig,
+           out_dir: str | Path, teacher: Teacher | None = None, resume: bool = False,
+           quiet: bool = False, weights: str | Path | None = None) -> SearchResult:
+    """Search a pruned shape of `network` under the budgets of `config` (by default half
+    its FLOPs).
 
-
-def search(shape_full: Shape | PlanShape, data: DataBundle, config: SearchConfig,
-           out_dir: str | Path, teacher: Teacher | None = None,
-           resume: bool = False, quiet: bool = False) -> SearchResult:
-    """Search a pruned shape of `shape_full` at `config.flops_ratio` of its FLOPs.
-
+    `network`: a registered model name or a FILE.py:FACTORY (built for the data), or a
+    module (which is also the teacher when none is given). `teacher`: the trained
+    unpruned network to start from (a module, its state dict or the path of a saved
+    model), or `weights`, a state dict file of the network named; without either the
+    supernet starts from a fresh initialisation and the weight step has no distillation.
     Writes `out_dir/search.pt` (every epoch, every `checkpoint_every` steps; the one
     before as search.prev.pt), `out_dir/metrics.jsonl` (a "search" line per epoch, a
     "derive" line at the end) and `out_dir/shape.json`.
-    `teacher`: the trained unpruned network to start from (a model, its state dict or the
-    path of a saved model).
     `resume`: continue from `out_dir/search.pt` (or search.prev.pt when it is damaged;
     same config, except the runtime settings), or start afresh when there is none.
     Launched by torchrun, the search runs on all its processes (docs/runs.md).
     Raises `NonFiniteLoss` on a NaN/inf loss and `Interrupted` after SIGINT/SIGTERM.
     """
     out = Path(out_dir)
-    check_fits_data(shape_full, data, "network to search")
-    teacher = as_teacher(teacher, shape_full)
-    space = space_of(config, shape_full)
+    model, plan, teacher_model = resolve_network(network, data, teacher,
+                                                 free=not config.couple_residual,
+                                                 seed=config.seed, weights=weights)
+    if not plan.searched and not plan.stages:
+        raise ValueError(f"{type(model).__name__}: nothing can be pruned (every channel "
+                         "group is fixed and no block can be skipped)")
+    space = space_of(config, plan)
+    shape_full = plan.full()
     if config.flops_ratio is not None:
         check_budget(space, config.flops_ratio)
     resume = Run(out, SEARCH_CHECKPOINT, _KIND, "search").resuming(resume)
@@ -440,21 +433,23 @@ def search(shape_full: Shape | PlanShape, data: DataBundle, config: SearchConfig
             raise ValueError("search amp fp16 needs a CUDA device; use amp bf16 or off")
         per_rank_batch(config.batch_size, dist)
         run = Run(out, SEARCH_CHECKPOINT, _KIND, "search", dist, device, config.log)
-        net = _supernet(space, teacher, stream(config.seed, "search.supernet")).to(device)
+        budgets = build_budgets(config, space, quiet or not dist.is_main, model)
         calibrate = _subset(train_idx, _CALIBRATION_IMAGES,
                             stream(config.seed, "search.calibration"))
         held_out = _subset(valid_idx, config.health_images, stream(config.seed, "search.held_out"))
         health = Health(data, calibrate, held_out, config.batch_size)
         teacher_net = None
-        if teacher is not None:
-            net.load_teacher(teacher.state_dict())  # checks that it fits
-            teacher_net = copy.deepcopy(teacher).to(device, memory_format=torch.channels_last)
+        start_from = model
+        if teacher_model is not None:
+            teacher_net = copy.deepcopy(teacher_model).to(device,
+                                                          memory_format=torch.channels_last)
             teacher_net.eval()
-            if config.reorder and not resume and isinstance(space, SearchSpace):
-                net.load_teacher(_reordered(teacher_net, data, calibrate, config.batch_size,
-                                            dist).state_dict())
+            if config.reorder and not resume:
+                start_from = _reordered(teacher_net, plan, data, calibrate, config.batch_size,
+                                        dist)
             health.teacher_acc = accuracy(teacher_net, data, held_out, config.batch_size,
                                           device)
+        net = SuperNet(space, start_from, stream(config.seed, "search.supernet")).to(device)
         # weight decay on every weight (BN included), as the TAS code
         w_opt = make_sgd(net.weight_parameters(), config.lr, config.momentum, config.nesterov,
                          config.weight_decay)
@@ -465,9 +460,8 @@ def search(shape_full: Shape | PlanShape, data: DataBundle, config: SearchConfig
         if distil_from is not None and config.compile:
             distil_from = torch.compile(distil_from)
         loop = SearchLoop(net, data, config, train_idx, valid_idx, w_opt, a_opt, w_sched,
-                          count_flops(shape_full), steps, run, shape_full,
-                          build_budgets(config, space, quiet or not dist.is_main),
-                          teacher=teacher is not None, teacher_net=distil_from,
+                          shape_full.count("flops"), steps, run, shape_full, budgets,
+                          teacher=teacher_model is not None, teacher_net=distil_from,
                           health=health if config.health_images > 0 else None, amp=amp,
                           scalers=tuple(torch.amp.GradScaler(device.type) for _ in range(2))
                           if amp == "fp16" else ())
@@ -494,7 +488,7 @@ def distributions(net: SuperNet) -> dict[str, tuple[tuple[int, ...], list[float]
     for the trackers' histograms."""
     out = {}
     for kind, logits, mask, values in (
-            ("width/slot", net.slot_width_logits(), net.width_mask, net.space.widths),
+            ("width/group", net.width_logits, net.width_mask, net.space.widths),
             ("depth/stage", net.depth_logits, net.depth_mask, net.space.depths)):
         probs = torch.softmax(logits.detach().masked_fill(~mask, float("-inf")), -1)
         for i, choices in enumerate(values):
@@ -502,7 +496,8 @@ def distributions(net: SuperNet) -> dict[str, tuple[tuple[int, ...], list[float]
     return out
 
 
-def _budget_fields(budgets: Sequence[Budget], net: SuperNet, shape: Shape) -> dict[str, float]:
+def _budget_fields(budgets: Sequence[Budget], net: SuperNet, shape: PlanShape
+                   ) -> dict[str, float]:
     """For every budget but the FLOPs (always logged): the argmax shape's cost and the
     expected cost as fractions of the unpruned network's, and the target."""
     out = {}
@@ -546,14 +541,14 @@ def _finish(loop: SearchLoop) -> SearchResult:
     only_flops = [b.name for b in budgets] == ["flops"]
     floor = band_floor(budgets, config.tolerance)
     derived = derive_in_band(
-        net.space, net.slot_width_logits(), net.depth_logits, net.width_mask, net.depth_mask,
+        net.space, net.width_logits, net.depth_logits, net.width_mask, net.depth_mask,
         budgets[0].ratio, config.tolerance, fill=config.fill,
         cost=None if only_flops else (normalized_cost(budgets), 1.0, floor))
     shape = derived.shape
     full = loop.full_flops
     ratio = 1.0 if config.flops_ratio is None else config.flops_ratio
     result = SearchResult(
-        shape=shape, flops=derived.flops, params=count_params(shape), full_flops=full,
+        shape=shape, flops=derived.flops, params=shape.count("params"), full_flops=full,
         target_flops=ratio * full, tolerance_flops=config.tolerance * full,
         epochs=config.epochs, out_dir=loop.run.out, adjusted=derived.adjusted,
         argmax_flops=derived.argmax_flops,
@@ -568,7 +563,7 @@ def _finish(loop: SearchLoop) -> SearchResult:
         record = {
             "phase": "derive", "epoch": config.epochs, "flops": result.flops,
             "params": result.params, "full_flops": full,
-            "full_params": count_params(shape_full), "target_flops": result.target_flops,
+            "full_params": shape_full.count("params"), "target_flops": result.target_flops,
             "flops_ratio": result.flops / full, "target_ratio": config.flops_ratio,
             "tolerance": config.tolerance, "in_band": result.in_band,
             "blocks": list(shape.blocks), "adjusted": derived.adjusted,
@@ -590,18 +585,10 @@ def _restore(loop: SearchLoop) -> int:
     `loop`; return the number of finished epochs (and set `loop.resume_at` when the
     checkpoint was written mid-epoch)."""
     state, used = loop.run.load()
-    if isinstance(loop.shape_full, PlanShape):
-        if state["shape_full"] != loop.shape_full.to_dict():
-            raise ValueError(f"{used} searched another network; resume with the same model "
-                             "and data, or choose another output directory")
-        saved_shape = loop.shape_full
-    else:
-        saved_shape = Shape.from_dict(state["shape_full"])
-    if saved_shape != loop.shape_full:
-        full = loop.shape_full
-        raise ValueError(f"{used} searched {saved_shape.describe()} with "
-                         f"{saved_shape.num_classes} classes, not {full.describe()} with "
-                         f"{full.num_classes}; resume with the same model and data")
+    if state["shape_full"] != loop.shape_full.to_dict():
+        raise ValueError(f"{used} searched another network (or the same for other data); "
+                         "resume with the same model and data, or choose another output "
+                         "directory")
     # a search saved before couple_residual existed searched the free space
     saved = from_dict(SearchConfig, {"couple_residual": False, **state["config"]})
     loop.run.check_settings(to_dict(saved), loop.config, used)

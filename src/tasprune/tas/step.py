@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasprune.dist import Dist
-from tasprune.flops import count_flops
+from tasprune.net.plan import PlanShape, expected_plan_flops
 from tasprune.phase import check_step
 from tasprune.settings import SearchConfig
 from tasprune.tas.cost import Budget, BudgetLoss, supernet_budget_loss
+from tasprune.tas.layers import Arch
 from tasprune.tas.sampling import entropy
-from tasprune.tas.supernet import Arch, SuperNet
+from tasprune.tas.supernet import SuperNet
 from tasprune.training.distill import DistillConfig, distill_loss, teacher_logits
 from tasprune.training.loop import autocast_for
 
@@ -87,7 +88,7 @@ def weight_loss(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor
 def weight_step_arch(net: SuperNet, config: SearchConfig, tau: float,
                 generator: torch.Generator | None) -> Arch:
     """The architecture of a weight step: a Gumbel sample; with the "expected" relaxation
-    one width per slot (a real sub-network's widths, channels kept in place), with
+    one width per group (a real sub-network's widths, channels kept in place), with
     "gumbel" (the paper) `topk` candidates mixed by channel-wise interpolation."""
     if config.relaxation == "expected":
         return net.sample(tau, 1, generator, pad=True)
@@ -147,13 +148,13 @@ def search_step(net: SuperNet, train: tuple[torch.Tensor, torch.Tensor],
                 out_v = net(xv, arch_step_arch(net, config, tau, generator))
                 loss_v = F.cross_entropy(out_v, yv).float()
             if isinstance(budgets, int):  # the unpruned FLOPs: no count every step
-                budgets = [Budget("flops", config.flops_ratio or 1.0, budgets, count_flops,
-                                  net.space.expected_flops)]
+                budgets = [Budget("flops", config.flops_ratio or 1.0, budgets, PlanShape.flops,
+                                  expected_plan_flops)]
             fl = supernet_budget_loss(net, budgets, config.tolerance, argmax_weight)
             loss_a = loss_v + config.flop_weight * fl.loss
             if entropy_weight > 0:
                 loss_a = loss_a + entropy_weight * (
-                    entropy(*net.searched_width_logits())
+                    entropy(net.width_logits, net.width_mask)
                     + entropy(net.depth_logits, net.depth_mask))
             a_opt.zero_grad(set_to_none=True)
             _backward(loss_a, a_opt, a_scaler, dist, arch, at)

@@ -1,358 +1,73 @@
-"""The searchable network: one ResNet of any registered family whose widths and
-depths are distributions.
+"""The searchable network: the unpruned module itself, its Conv2d, BatchNorm2d and Linear
+layers swapped for full-size layers that compute only the channels the current
+architecture asks for, its skippable blocks wrapped in gates, its free shortcuts given a
+projection that runs where the widths differ.
 
-It is built by walking the family's skeleton (`tasprune.families`), the same
-table the pruned `ResNet` and the FLOP counter read, so no architecture is
-written twice. Per conv slot it holds the full-size conv weight and one
-BatchNorm per width choice; per stage a distribution over block counts; every
-block has a full-size projection shortcut (sliced at run time) that is used
-exactly where the pruned network of `tasprune.models` has one: at stride 2
-always, at stride 1 when the block's input width differs from its output width.
+The module's own `forward` runs unchanged. Before each pass `SuperNet.forward` puts the
+architecture (an `Arch`: a `Choice` per searched group, one per stage) where the swapped
+layers read it; then:
 
-A forward pass takes an `Arch` (sampled by `SuperNet.sample`, the noise-free
-`SuperNet.expected`, or fixed from a Shape) and, per slot:
+* a conv or linear computes `c_max` output channels of its group (the widest candidate)
+  from the input channels present (the first channels of every group it reads, group
+  after group for a concatenation);
+* the BatchNorm reading a group keeps one set of statistics and affine weights per width
+  choice (`ChoiceBN`), normalises each candidate's first channels with its own, resizes
+  them to `c_max` and mixes them (channel-wise interpolation, or zero-padding); a conv
+  or linear that no BatchNorm follows mixes its candidates in its weights;
+* a block with a free shortcut adds its input through a 1x1 conv + per-choice BatchNorm
+  when its input and output widths differ (the pruned network's projection), else
+  directly;
+* a stage keeps its first d blocks. Sampled depths (the paper's relaxation, and the
+  default's weight step) mix the stage's output after every candidate d, each resized to
+  the widest; the expected network (`Distributions.expected`, `Choice.gate`) takes the
+  nested relaxation: the blocks between two consecutive candidates d_i < d_(i+1) form a
+  group kept with probability q_i = P(d >= d_(i+1)) / P(d >= d_i) given the blocks before
+  it, and the stage computes y <- y + q_i (group(y) - y), group by group (narrower
+  tensors zero-padded). A fixed depth runs its first d blocks and skips the others.
 
-* computes the conv only for the `c_max` output channels of the widest
-  candidate and only the input channels present (sliced weights, no padding);
-* candidate j takes the first `c_j` channels, applies its own BatchNorm, is
-  resized to `c_max` channels, and the resized candidates are summed with their
-  mixing weights. The resize is channel-wise interpolation (CWI, the paper's:
-  adaptive average pooling along channels, `interp_matrix`) or, with `pad`,
-  zero-padding (channel i stays channel i). BatchNorm and either resize are
-  per-channel affine maps plus a fixed channel matrix, so they collapse into one
-  normalisation and one `c_max x c_max` 1x1 convolution per slot;
-* a stage's output is the weighted sum over depth choices of the output after
-  block d, each resized to the widest of them; or, for `gate` choices, the
-  nested relaxation of `_gated_stage_forward`.
-
-Candidates whose mixing weight is exactly zero are dropped before `c_max` is
-computed (they contribute nothing to the sum): this keeps the sampled forward
-exact in the limit of one-hot logits, where the network equals the pruned
-`ResNet` of the argmax shape with the weights of `state_dict_for(shape)`.
+At one-hot logits the supernet computes what `subnet(shape)`, the module pruned to the
+argmax shape (`tasprune.net.surgery.shrink`), computes.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasprune.families import BlockSpec
-from tasprune.shape import Shape
+from tasprune.net.plan import LayerPlan, PlanLayer, PlanShape
+from tasprune.net.surgery import set_module, shrink
+from tasprune.tas.layers import Arch, Choice, ChoiceBN, mixing, resize_matrix, sampled_choices
 from tasprune.tas.sampling import gumbel_softmax, gumbel_topk, masked_softmax
 from tasprune.tas.space import SearchSpace
 
-BN_MOMENTUM = 0.1  # nn.BatchNorm2d defaults, as the pruned network
-BN_EPS = 1e-5
+
+def _mask(choices: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """[rows, max choices] mask of the real entries of a ragged list of choices."""
+    mask = torch.zeros(len(choices), max((len(c) for c in choices), default=1), dtype=torch.bool)
+    for r, c in enumerate(choices):
+        mask[r, : len(c)] = True
+    return mask
 
 
-# channel-wise interpolation ------------------------------------------------------------
-_INTERP_CACHE: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def interp_matrix(c_in: int, c_out: int, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """[c_out, c_in] matrix of adaptive average pooling along channels.
-
-    Output channel i averages input channels floor(i*c_in/c_out) .. ceil((i+1)*c_in/c_out)-1.
-    """
-    key = (c_in, c_out, dtype, torch.device(device))
-    if key not in _INTERP_CACHE:
-        m = torch.zeros(c_out, c_in, dtype=torch.float64)
-        for i in range(c_out):
-            lo, hi = (i * c_in) // c_out, -(-((i + 1) * c_in) // c_out)
-            m[i, lo:hi] = 1.0 / (hi - lo)
-        _INTERP_CACHE[key] = m.to(dtype=dtype, device=device)
-    return _INTERP_CACHE[key]
-
-
-def channel_interp(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Resize the channel axis (dim 1) of x to `channels` by adaptive average pooling."""
-    if x.shape[1] == channels:
-        return x
-    m = interp_matrix(x.shape[1], channels, x.dtype, x.device)
-    return F.conv2d(x, m[:, :, None, None]) if x.dim() == 4 else x @ m.T
-
-
-# architectures -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Choice:
-    """The candidates one distribution contributes to one forward pass.
-
-    `values`: their widths (or block counts); `rows`: their choice indices;
-    `weights`: mixing weights [n], or None for a single candidate (weight 1);
-    `pad`: candidates are brought to the widest by zero-padding their channels
-    instead of channel-wise interpolation (see `resize_matrix`).
-    """
-
-    values: tuple[int, ...]
-    rows: tuple[int, ...]
-    weights: torch.Tensor | None = None
-    pad: bool = False
-    gate: bool = False  # depths: the nested relaxation (`_gated_stage_forward`)
-
-    @property
-    def max(self) -> int:
-        return max(self.values)
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What one forward pass uses: a Choice per conv slot and per stage."""
-
-    widths: tuple[Choice, ...]
-    depths: tuple[Choice, ...]
-
-    @classmethod
-    def fixed(cls, space: SearchSpace, shape: Shape) -> Arch:
-        """The deterministic architecture of a Shape of this space (one candidate each)."""
-        wi, di = space.indices_of(shape)
-        widths = tuple(Choice((space.widths[s][i],), (i,)) for s, i in enumerate(wi))
-        depths = tuple(Choice((space.depths[s][i],), (i,)) for s, i in enumerate(di))
-        return cls(widths, depths)
-
-
-def _choices(values: tuple[tuple[int, ...], ...], index: torch.Tensor, weight: torch.Tensor,
-             pad: bool = False) -> tuple[Choice, ...]:
-    """Per-row Choices of sampled (index, weight), dropping candidates of weight exactly 0."""
-    idx, keep = index.tolist(), (weight > 0).tolist()  # the one host sync of a sample
-    out = []
-    for r, (row_idx, row_keep) in enumerate(zip(idx, keep, strict=True)):
-        pos = [p for p, k in enumerate(row_keep) if k]
-        rows = tuple(row_idx[p] for p in pos)
-        vals = tuple(values[r][i] for i in rows)
-        if len(pos) == 1:
-            out.append(Choice(vals, rows))
-        else:
-            w = weight[r] if len(pos) == len(row_keep) else weight[r, pos]
-            out.append(Choice(vals, rows, w, pad))
-    return tuple(out)
-
-
-# layers --------------------------------------------------------------------------------
-class ChoiceBN(nn.Module):
-    """One BatchNorm per width choice, stored padded: row j holds choice j's channels."""
-
-    def __init__(self, choices: tuple[int, ...], channels: int) -> None:
-        super().__init__()
-        self.choices = choices
-        self.weight = nn.Parameter(torch.ones(len(choices), channels))
-        self.bias = nn.Parameter(torch.zeros(len(choices), channels))
-        self.register_buffer("running_mean", torch.zeros(len(choices), channels))
-        self.register_buffer("running_var", torch.ones(len(choices), channels))
-
-    def forward(self, y: torch.Tensor, choice: Choice) -> torch.Tensor:
-        """BN of every candidate on its first channels, resized to c_max, mixed.
-
-        Always in float32: under mixed precision the statistics and the mixing stay
-        exact, and the next conv casts back down."""
-        if torch.is_autocast_enabled(y.device.type):
-            with torch.autocast(y.device.type, enabled=False):
-                return self._forward(y.float(), choice)
-        return self._forward(y, choice)
-
-    def _forward(self, y: torch.Tensor, choice: Choice) -> torch.Tensor:
-        c_max = y.shape[1]
-        if choice.weights is None:
-            j = choice.rows[0]
-            return F.batch_norm(y, self.running_mean[j, :c_max], self.running_var[j, :c_max],
-                                self.weight[j, :c_max], self.bias[j, :c_max], self.training,
-                                BN_MOMENTUM, BN_EPS)
-        rows = _index(choice.rows, y.device)
-        scale, shift = self.weight[rows, :c_max], self.bias[rows, :c_max]
-        if not self.training:  # running statistics: BN is a per-channel affine map
-            scale = scale * torch.rsqrt(self.running_var[rows, :c_max] + BN_EPS)
-            shift = shift - self.running_mean[rows, :c_max] * scale
-            mix, bias = _mixing(choice, scale, shift)
-            return F.conv2d(y, mix[:, :, None, None], bias)
-        mix, bias = _mixing(choice, scale, shift)
-        out, mean, var = _NormMix.apply(y, mix, bias)
-        with torch.no_grad():  # every candidate's running stats see the batch statistics
-            n = y.numel() // c_max
-            var = var * (n / max(n - 1, 1))
-            for j, c in zip(choice.rows, choice.values, strict=True):
-                self.running_mean[j, :c].lerp_(mean[:c], BN_MOMENTUM)
-                self.running_var[j, :c].lerp_(var[:c], BN_MOMENTUM)
-        return out
-
-
-class _NormMix(torch.autograd.Function):
-    """Training-mode BatchNorm without affine followed by a channel mixing, in one op:
-    out = mix @ ((y - mean) / sqrt(var + eps)) + bias over the channel axis.
-
-    Fused because the separate normalisation and 1x1 convolution cost about twice
-    the memory traffic on CPU: the normalisation is folded into the 1x1 weights and
-    bias, so the normalised tensor is never stored. The batch statistics (mean,
-    biased var) come back for the running stats. Backward uses the identities
-    sum(g_xhat) = sum(g) @ mix and sum(g_xhat * xhat) = column sums of
-    mix * (g^T xhat); g^T y and sum(g) are one weight-gradient call of the 1x1 conv.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, mix: torch.Tensor, bias: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y = y.contiguous(memory_format=torch.channels_last)
-        mean, var = torch.batch_norm_update_stats(y, None, None, 1.0)
-        invstd = torch.rsqrt(var + BN_EPS)
-        wmat = mix * invstd
-        out = F.conv2d(y, wmat[:, :, None, None], bias - wmat @ mean)
-        ctx.save_for_backward(y, mix, mean, invstd)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _gm: torch.Tensor, _gv: torch.Tensor
-                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        y, mix, mean, invstd = ctx.saved_tensors
-        n = y.numel() // y.shape[1]
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        _, g_y, gsum = torch.ops.aten.convolution_backward(  # g^T y and sum(g), one pass
-            grad, y, mix[:, :, None, None], [mix.shape[0]], [1, 1], [0, 0], [1, 1], False,
-            [0, 0], 1, [False, True, True])
-        gram = (g_y.flatten(1) - gsum[:, None] * mean[None, :]) * invstd  # g^T xhat
-        grad_y = None
-        if ctx.needs_input_grad[0]:
-            mean_gx = (gsum @ mix) / n  # per-channel mean of g_xhat
-            alpha = invstd * invstd * (mix * gram).sum(0) / n
-            wt = (mix * invstd).t().contiguous()
-            grad_y = F.conv2d(grad, wt[:, :, None, None], alpha * mean - invstd * mean_gx)
-            grad_y = grad_y.contiguous(memory_format=torch.channels_last)
-            _rows(grad_y).addcmul_(_rows(y), alpha, value=-1.0)
-        return grad_y, gram, gsum
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[pixels, channels] view of a channels-last [B, C, H, W] tensor (shares memory)."""
-    return x.permute(0, 2, 3, 1).view(-1, x.shape[1])
-
-
-_INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
-_RESIZE_CACHE: dict[tuple[tuple[int, ...], torch.dtype, torch.device, bool], torch.Tensor] = {}
-
-
-def _index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A cached index tensor of choice rows (saves building one per slot and forward)."""
-    key = (rows, device)
-    if key not in _INDEX_CACHE:
-        _INDEX_CACHE[key] = torch.tensor(rows, dtype=torch.long, device=device)
-    return _INDEX_CACHE[key]
-
-
-def resize_matrix(c_in: int, c_out: int, pad: bool, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """[c_out, c_in]: channel-wise interpolation (`interp_matrix`), or with `pad` the
-    identity on the first c_in channels and zeros after (channel i stays channel i)."""
-    if not pad:
-        return interp_matrix(c_in, c_out, dtype, device)
-    return torch.eye(c_out, c_in, dtype=dtype, device=device)
-
-
-def _resizers(values: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-              pad: bool = False) -> torch.Tensor:
-    """[n, c_max, c_max]: candidate n's channel resize c_n -> c_max (zero columns past c_n)."""
-    key = (values, dtype, device, pad)
-    if key not in _RESIZE_CACHE:
-        c_max = max(values)
-        out = torch.zeros(len(values), c_max, c_max, dtype=dtype, device=device)
-        for n, c in enumerate(values):
-            out[n, :, :c] = resize_matrix(c, c_max, pad, dtype, device)
-        _RESIZE_CACHE[key] = out
-    return _RESIZE_CACHE[key]
-
-
-def _mixing(choice: Choice, scale: torch.Tensor, shift: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Matrix [c_max, c_max] and bias of sum_n w_n * resize_n(scale_n * x[:c_n] + shift_n).
-
-    scale, shift: [n, c_max] per candidate (entries past c_n are ignored)."""
-    assert choice.weights is not None
-    weighted = (_resizers(choice.values, scale.dtype, scale.device, choice.pad)
-                * choice.weights[:, None, None])
-    mix = (weighted * scale[:, None, :]).sum(0)
-    bias = None if shift is None else torch.einsum("nic,nc->i", weighted, shift)
-    return mix, bias
-
-
-class SlotConv(nn.Module):
-    """A full-size conv whose output width is a searched slot, with per-choice BN.
-
-    `pool` puts a 2x2 average pool (ceil mode) before a stride-1 conv: the strided
-    projection shortcut of `tasprune.models.blocks.Projection`.
-    """
-
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int,
-                 choices: tuple[int, ...], bn: bool = True, pool: bool = False) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_ch, in_ch, kernel, kernel))
-        self.stride, self.padding, self.pool = stride, kernel // 2, pool
-        self.bn = ChoiceBN(choices, out_ch) if bn else None
-
-    def forward(self, x: torch.Tensor, choice: Choice) -> torch.Tensor:
-        if self.pool:
-            x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
-        w = self.weight[: choice.max, : x.shape[1]]
-        if self.bn is not None:
-            return self.bn(F.conv2d(x, w, None, self.stride, self.padding), choice)
-        if choice.weights is not None:
-            # no BN between: fold the candidates' resize-and-mix into the weight
-            mix, _ = _mixing(choice, w.new_ones(len(choice.values), choice.max), None)
-            w = torch.einsum("oc,cikl->oikl", mix, w)
-        return F.conv2d(x, w, None, self.stride, self.padding)
-
-
-class SuperBlock(nn.Module):
-    """A residual block (basic or bottleneck) with searched widths and a projection."""
-
-    def __init__(self, spec: BlockSpec, in_ch: int, widths: tuple[int, ...],
-                 choices: tuple[tuple[int, ...], ...]) -> None:
-        super().__init__()
-        self.spec = spec
-        convs, cin = [], in_ch
-        for conv, width in zip(spec.convs, widths, strict=True):
-            convs.append(SlotConv(cin, width, conv.kernel, conv.stride, choices[conv.slot]))
-            cin = width
-        self.convs = nn.ModuleList(convs)
-        bn = spec.shortcut_bn or spec.stride == 1  # as models.blocks
-        self.downsample = SlotConv(in_ch, widths[-1], 1, 1, choices[spec.out_slot], bn=bn,
-                                   pool=spec.stride > 1)
-
-    def forward(self, x: torch.Tensor, widths: tuple[Choice, ...]) -> torch.Tensor:
-        out = x
-        last = len(self.convs) - 1
-        for j, (conv, spec) in enumerate(zip(self.convs, self.spec.convs, strict=True)):
-            out = conv(out, widths[spec.slot])
-            if j < last:
-                out = F.relu(out, inplace=True)
-        if self.spec.stride > 1 or x.shape[1] != out.shape[1]:
-            shortcut = self.downsample(x, widths[self.spec.out_slot])
-        else:
-            shortcut = x
-        return F.relu(out + shortcut, inplace=True)
-
-
-# the distributions ---------------------------------------------------------------------
 class Distributions(nn.Module):
-    """The architecture logits of a space (`widths`, `depths`, `ties` per row), what is
-    sampled from them and their argmax: shared by the ResNet `SuperNet` and the
-    `PlanSuperNet` of any planned network."""
+    """The architecture logits of a space (one row per searched group, one per stage), what
+    is sampled from them and their argmax."""
 
-    space: Any
+    space: SearchSpace
 
-    def _init_distributions(self, space: Any) -> None:
+    def _init_distributions(self, space: SearchSpace) -> None:
         self.space = space
         wmask, dmask = _mask(space.widths), _mask(space.depths)
-        # logits of every slot (stage) in one padded matrix; the masks mark real choices
+        # logits of every group (stage) in one padded matrix; the masks mark real choices
         self.register_buffer("width_mask", wmask, persistent=False)
         self.register_buffer("depth_mask", dmask, persistent=False)
         self.width_logits = nn.Parameter(torch.zeros(wmask.shape))
-        # a tied slot reads the row of the slot it is tied to (search.space, `coupled`)
-        self.register_buffer("ties", torch.tensor(space.ties), persistent=False)
         self.depth_logits = nn.Parameter(torch.zeros(dmask.shape))
 
     def _reset_logits(self, generator: torch.Generator | None) -> None:
@@ -373,269 +88,384 @@ class Distributions(nn.Module):
         return [p for p in self.parameters() if id(p) not in arch]
 
     # architectures ---------------------------------------------------------------------
-    def slot_width_logits(self) -> torch.Tensor:
-        """Width logits of every slot: a tied slot's row is the one of the slot it is tied
-        to (the rows of tied slots themselves are never read)."""
-        return self.width_logits[self.ties] if self.space.coupled else self.width_logits
-
-    def searched_width_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and mask of the width rows that are searched (every slot's own row, or
-        with tied slots, one row per stream): what an entropy or a log sees once each."""
-        if not self.space.coupled:
-            return self.width_logits, self.width_mask
-        rows = [s for s, t in enumerate(self.space.ties) if s == t]
-        return self.width_logits[rows], self.width_mask[rows]
-
     def sample(self, tau: float, k: int = 2, generator: torch.Generator | None = None,
                pad: bool = False) -> Arch:
         """Fresh Gumbel samples of every width (top-k) and depth (soft) distribution;
         `pad`: mix candidates by zero-padding instead of channel-wise interpolation."""
         top = gumbel_topk(self.width_logits, self.width_mask, tau, k, generator)
-        index, weight = top.index, top.weight
-        if self.space.coupled:  # one draw per stream
-            index, weight = index[self.ties], weight[self.ties]
-        widths = _choices(self.space.widths, index, weight, pad)
+        widths = sampled_choices(self.space.widths, top.index, top.weight, pad)
         probs = gumbel_softmax(self.depth_logits, self.depth_mask, tau, generator)
         order = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
-        return Arch(widths, _choices(self.space.depths, order, probs, pad))
+        return Arch(widths, sampled_choices(self.space.depths, order, probs, pad))
 
     def expected(self) -> Arch:
-        """Every choice of every distribution weighted by its probability, no noise: conv
-        slot l outputs channel i scaled by P(c_l > i) (zero-padded candidates), and the
-        depths take the nested relaxation of `_gated_stage_forward`."""
+        """Every choice of every distribution weighted by its probability, no noise: group g
+        outputs channel i scaled by P(c_g > i) (zero-padded candidates), and the depths take
+        the nested relaxation (see the module docstring)."""
         arch = []
-        for logits, mask, values in ((self.slot_width_logits(), self.width_mask,
-                                      self.space.widths),
+        for logits, mask, values in ((self.width_logits, self.width_mask, self.space.widths),
                                      (self.depth_logits, self.depth_mask, self.space.depths)):
             probs = masked_softmax(logits, mask)
             order = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
-            arch.append(_choices(values, order, probs, pad=True))
+            arch.append(sampled_choices(values, order, probs, pad=True))
         depths = tuple(dataclasses.replace(c, gate=True) for c in arch[1])
         return Arch(widths=arch[0], depths=depths)
 
     def argmax_indices(self) -> tuple[list[int], list[int]]:
-        """The most probable choice of every slot and stage."""
+        """The most probable choice of every group and stage."""
         def best(logits: torch.Tensor, mask: torch.Tensor) -> list[int]:
             return logits.detach().masked_fill(~mask, float("-inf")).argmax(dim=1).tolist()
-        return (best(self.slot_width_logits(), self.width_mask),
+        return (best(self.width_logits, self.width_mask),
                 best(self.depth_logits, self.depth_mask))
 
-    def derive(self) -> Shape:
-        """The argmax shape: the most probable width of every slot and depth of every stage."""
+    def derive(self) -> PlanShape:
+        """The argmax shape: the most probable width of every group and depth of every
+        stage."""
         return self.space.shape(*self.argmax_indices())
+
+
+# the current pass -----------------------------------------------------------------------
+class _StageRun:
+    """One stage's part of the current pass (see the module docstring)."""
+
+    def __init__(self, depth: Choice, blocks: int) -> None:
+        self.depth = depth
+        self.blocks = blocks
+        self.kept = [d - 1 for d in depth.values]  # skippable blocks kept, per candidate
+        self.outs: dict[int, torch.Tensor] = {}
+        self.start: torch.Tensor | None = None
+        if depth.weights is not None and depth.gate:
+            order = sorted(range(len(self.kept)), key=self.kept.__getitem__)
+            self.sorted = [self.kept[i] for i in order]
+            probs = depth.weights[order]
+            self.keep = probs.flip(0).cumsum(0).flip(0)  # keep[i] = P(k >= sorted[i])
+
+    def step(self, j: int, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        if self.depth.weights is None:
+            return block(x) if j < self.kept[0] else x
+        if self.depth.gate:
+            return self._nested(j, x, block)
+        return self._mixed(j, x, block)
+
+    def _mixed(self, j: int, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        if j == 0 and 0 in self.kept:
+            self.outs[0] = x
+        y = block(x) if j < max(self.kept) else x
+        if j + 1 in self.kept:
+            self.outs[j + 1] = y
+        if j < self.blocks - 1:
+            return y
+        assert self.depth.weights is not None
+        widest = max(o.shape[1] for o in self.outs.values())
+        total: torch.Tensor | None = None
+        for n, k in enumerate(self.kept):
+            o, p = self.outs[k], self.depth.weights[n]
+            if o.shape[1] == widest:
+                term = o * p
+            else:
+                a = resize_matrix(o.shape[1], widest, self.depth.pad, o.dtype, o.device)
+                term = F.conv2d(o, (a * p)[:, :, None, None])
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def _nested(self, j: int, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        kept = self.sorted
+        if j < kept[0]:
+            return block(x)
+        if j >= kept[-1]:
+            return x
+        i = next(i for i in range(1, len(kept)) if kept[i] > j)  # group i: [kept[i-1], kept[i])
+        if j == kept[i - 1]:
+            self.start = x
+        z = block(x)
+        if j < kept[i] - 1:
+            return z
+        start = self.start
+        assert start is not None
+        q = self.keep[i] / self.keep[i - 1].clamp_min(1e-12)
+        if z.shape[1] != start.shape[1]:
+            c = max(z.shape[1], start.shape[1])
+            start, z = (F.pad(t, (0, 0, 0, 0, 0, c - t.shape[1])) for t in (start, z))
+        return start + q * (z - start)
+
+
+class _Context:
+    """The architecture of the current pass, where every swapped layer reads it."""
+
+    def __init__(self, plan: LayerPlan) -> None:
+        self.plan = plan
+        self.full = [g.size for g in plan.groups]
+        self.outputs = [plan.stage_outputs(s) for s in range(len(plan.stages))]
+        self.sizes = [len(s) for s in plan.stages]
+        self.choices: dict[int, Choice] = {}
+        self.depths: tuple[Choice, ...] = ()
+        self.runs: list[_StageRun] = []
+        self._index: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def set(self, arch: Arch) -> None:
+        self.choices = dict(zip(self.plan.searched, arch.widths, strict=True))
+        self.depths = arch.depths
+        self.runs = [_StageRun(d, n) for d, n in zip(arch.depths, self.sizes, strict=True)]
+
+    def width(self, g: int) -> int:
+        choice = self.choices.get(g)
+        return self.full[g] if choice is None else choice.max
+
+    def choice(self, g: int) -> Choice:
+        return self.choices.get(g) or Choice((self.full[g],), (0,))
+
+    def read_width(self, layer: PlanLayer, i: int) -> int:
+        """Channels of read `i` present in this pass (a stage's output: the widest of the
+        outputs its depth candidates give)."""
+        g, s = layer.reads[i], layer.stage_read(i)
+        if s is None:
+            return self.width(g)
+        groups = self.outputs[s]
+        return max(self.width(groups[d - 1] if groups[d - 1] is not None else g)
+                   for d in self.depths[s].values)
+
+    def reads(self, layer: PlanLayer, device: torch.device) -> torch.Tensor | slice:
+        """The full input positions of the channels present (a slice when contiguous)."""
+        widths = tuple(self.read_width(layer, i) for i in range(len(layer.reads)))
+        if len(widths) == 1:
+            return slice(0, widths[0] * layer.spatial)
+        key = (layer.reads, widths, layer.spatial, device)
+        if key not in self._index:
+            parts, offset = [], 0
+            for g, w in zip(layer.reads, widths, strict=True):
+                parts.append(torch.arange(offset, offset + w) * layer.spatial)
+                offset += self.full[g]
+            idx = torch.cat(parts)
+            idx = (idx[:, None] + torch.arange(layer.spatial)).flatten()
+            self._index[key] = idx.to(device)
+        return self._index[key]
+
+
+# the swapped layers ---------------------------------------------------------------------
+def _mixed(w: torch.Tensor, b: torch.Tensor | None, choice: Choice, normed: bool
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold the mixing of a group's candidates into the weights of a layer that writes it
+    with no BatchNorm after (a BatchNorm mixes them itself)."""
+    if normed or choice.weights is None:
+        return w, b
+    n = len(choice.values)
+    shift = None if b is None else b[None].expand(n, -1)
+    mix, bias = mixing(choice, w.new_ones(n, w.shape[0]), shift)
+    return torch.einsum("oc,c...->o...", mix, w), bias
+
+
+class _Conv(nn.Module):
+    def __init__(self, conv: nn.Conv2d, layer: PlanLayer, ctx: _Context) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().clone())
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.groups = conv.groups
+        self.layer, self.ctx = layer, ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, ctx = self.layer, self.ctx
+        sel = ctx.reads(layer, x.device)
+        if layer.depthwise:
+            b = None if self.bias is None else self.bias[sel]
+            return F.conv2d(x, self.weight[sel], b, self.stride, self.padding,  # type: ignore[arg-type]
+                            self.dilation, x.shape[1])  # type: ignore[arg-type]
+        assert layer.writes is not None
+        c = ctx.width(layer.writes)
+        w = self.weight[:c] if self.groups > 1 else self.weight[:c][:, sel]
+        b = None if self.bias is None else self.bias[:c]
+        w, b = _mixed(w, b, ctx.choice(layer.writes), layer.norm is not None)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation,  # type: ignore[arg-type]
+                        self.groups)
+
+
+class _Linear(nn.Module):
+    def __init__(self, linear: nn.Linear, layer: PlanLayer, ctx: _Context) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.layer, self.ctx = layer, ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, ctx = self.layer, self.ctx
+        assert layer.writes is not None
+        c = ctx.width(layer.writes)
+        w = self.weight[:c][:, ctx.reads(layer, x.device)]
+        b = None if self.bias is None else self.bias[:c]
+        w, b = _mixed(w, b, ctx.choice(layer.writes), False)
+        return F.linear(x, w, b)
+
+
+class _BatchNorm(nn.Module):
+    """One `ChoiceBN` per group the BatchNorm reads (one row for a fixed group)."""
+
+    def __init__(self, layer: PlanLayer, ctx: _Context, choices: Mapping[int, tuple[int, ...]]
+                 ) -> None:
+        super().__init__()
+        self.layer, self.ctx = layer, ctx
+        self.parts = nn.ModuleList(ChoiceBN(choices.get(g, (ctx.full[g],)), ctx.full[g])
+                                   for g in layer.reads)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        if len(self.parts) == 1:
+            return self.parts[0](y, ctx.choice(self.layer.reads[0]))
+        chunks = y.split([ctx.width(g) for g in self.layer.reads], dim=1)
+        return torch.cat([bn(chunk, ctx.choice(g)) for bn, chunk, g in
+                          zip(self.parts, chunks, self.layer.reads, strict=True)], dim=1)
+
+
+class _Shortcut(nn.Module):
+    """A free shortcut: the identity where the block's input and output widths are equal,
+    else a 1x1 conv (starting as the identity) and a per-choice BatchNorm."""
+
+    def __init__(self, conv: PlanLayer, bn: PlanLayer, ctx: _Context,
+                 choices: Mapping[int, tuple[int, ...]]) -> None:
+        super().__init__()
+        assert conv.when is not None and conv.writes is not None
+        a, b = conv.when
+        eye = torch.eye(ctx.full[b], ctx.full[a])
+        self.conv = nn.Module()
+        self.conv.weight = nn.Parameter(eye[:, :, None, None].contiguous())
+        self.bn = _BatchNorm(bn, ctx, choices)
+        self.out, self.ctx = b, ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.ctx.width(self.out)
+        if x.shape[1] == c:
+            return x
+        weight = self.conv.weight[:c, : x.shape[1]]  # type: ignore[index]
+        return self.bn(F.conv2d(x, weight))
+
+
+class _Gated(nn.Module):
+    """A skippable block run by its stage's part of the pass."""
+
+    def __init__(self, block: nn.Module, stage: int, index: int, ctx: _Context) -> None:
+        super().__init__()
+        self.block, self.stage, self.index, self.ctx = block, stage, index, ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ctx.runs[self.stage].step(self.index, x, self.block)
 
 
 # the network ---------------------------------------------------------------------------
 class SuperNet(Distributions):
-    """The searchable ResNet of a SearchSpace (see the module docstring)."""
+    """The searchable form of the network `model` (see the module docstring), with the
+    weights of `model` (every width choice's BatchNorm from the first channels of the
+    model's)."""
 
-    def __init__(self, space: SearchSpace, generator: torch.Generator | None = None) -> None:
+    def __init__(self, space: SearchSpace, model: nn.Module,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
-        full = space.full
-        skel = full.skeleton
-        fw = full.widths
-        self.stem = SlotConv(full.in_channels, fw[0], skel.stem.kernel, skel.stem.stride,
-                             space.widths[0])
-        self.stem_pool = skel.family.stem_pool
-        stages, cin = [], fw[0]
-        for stage in skel.stages:
-            blocks = []
-            for blk in stage:
-                widths = tuple(fw[c.slot] for c in blk.convs)
-                blocks.append(SuperBlock(blk, cin, widths, space.widths))
-                cin = widths[-1]
-            stages.append(nn.ModuleList(blocks))
-        self.stages = nn.ModuleList(stages)
-        self.fc = nn.Linear(cin, full.num_classes)
         self._init_distributions(space)
-        self.reset_parameters(generator)
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """He et al. 2015 init for convs (as the pruned ResNet), BN 1/0, the Linear default
-        for the classifier, architecture logits from N(0, 0.01^2) (TAS)."""
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, SlotConv):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu",
-                                            generator=generator)
-                elif isinstance(m, ChoiceBN):
-                    m.weight.fill_(1.0)
-                    m.bias.zero_()
-                    m.running_mean.zero_()
-                    m.running_var.fill_(1.0)
-            nn.init.kaiming_uniform_(self.fc.weight, a=math.sqrt(5), generator=generator)
-            bound = 1.0 / math.sqrt(self.fc.in_features)
-            nn.init.uniform_(self.fc.bias, -bound, bound, generator=generator)
+        plan = space.plan
+        for layer in plan.layers:
+            if layer.kind == "bn" and layer.after:
+                raise ValueError(f"{layer.name}: a BatchNorm reading a stage's output whose "
+                                 "width depends on the stage's depth cannot be searched")
+        self.__dict__["base"] = copy.deepcopy(model).cpu()  # not a submodule: the layout
+        self.__dict__["ctx"] = ctx = _Context(plan)
+        net = copy.deepcopy(model)
+        choices = dict(zip(plan.searched, space.widths, strict=True))
+        layers: dict[str, nn.Module] = {}
+        for layer in plan.layers:
+            if layer.when is not None:
+                if layer.kind == "conv":
+                    assert layer.norm is not None
+                    new: nn.Module = _Shortcut(layer, plan.layer(layer.norm), ctx, choices)
+                    set_module(net, layer.name.rsplit(".", 1)[0], new)
+                    layers[layer.name] = new.conv
+                    layers[layer.norm] = new.bn
+                continue
+            old = net.get_submodule(layer.name)
+            if layer.kind == "conv":
+                assert isinstance(old, nn.Conv2d)
+                new = _Conv(old, layer, ctx)
+            elif layer.kind == "linear":
+                assert isinstance(old, nn.Linear)
+                new = _Linear(old, layer, ctx)
+            else:
+                new = _BatchNorm(layer, ctx, choices)
+            set_module(net, layer.name, new)
+            layers[layer.name] = new
+        for b, block in enumerate(plan.blocks):
+            set_module(net, block.name, _Gated(net.get_submodule(block.name), block.stage,
+                                               block.index, ctx))
+        self.net = net
+        self.__dict__["layers"] = layers
+        self.load_teacher(model.state_dict())
         self._reset_logits(generator)
 
-    # forward ---------------------------------------------------------------------------
+    @property
+    def plan(self) -> LayerPlan:
+        return self.space.plan
+
     def forward(self, x: torch.Tensor, arch: Arch | None = None) -> torch.Tensor:
-        """Class logits under `arch` (default: the fixed argmax shape)."""
-        if arch is None:
-            arch = Arch.fixed(self.space, self.derive())
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = F.relu(self.stem(x, arch.widths[0]), inplace=True)
-        if self.stem_pool:
-            x = F.max_pool2d(x, 3, 2, 1)
-        for blocks, depth in zip(self.stages, arch.depths, strict=True):
-            x = _stage_forward(blocks, x, arch.widths, depth)
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return F.linear(x, self.fc.weight[:, : x.shape[1]], self.fc.bias)
+        """Class scores under `arch` (default: the fixed argmax shape)."""
+        self.ctx.set(arch if arch is not None else Arch.fixed(self.space, self.derive()))
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
     # weights in and out ----------------------------------------------------------------
-    def subnet(self, shape: Shape) -> nn.Module:
-        """The pruned network of `shape` with these weights, on this supernet's device."""
-        from tasprune.models import build_model
+    def load_teacher(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Take the weights of the unpruned network (a state dict in its own layout)."""
+        wanted = set(self.base.state_dict())
+        missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
+        if missing or unexpected:
+            raise ValueError(f"the teacher's state dict does not fit the network: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for layer in self.plan.layers:
+                if layer.when is not None:
+                    continue  # not in the unpruned network: the shortcut starts as identity
+                module = self.layers[layer.name]
+                own = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] == layer.name}
+                for key, value in own.items():
+                    name = key.rsplit(".", 1)[1]
+                    if name == "num_batches_tracked":
+                        continue
+                    if layer.kind != "bn":
+                        target = getattr(module, name)
+                        _check(key, value, target.shape)
+                        target.copy_(value)
+                        continue
+                    _check(key, value, (sum(self.ctx.full[r] for r in layer.reads),))
+                    offset = 0
+                    for g, part in zip(layer.reads, module.parts, strict=True):
+                        size = self.ctx.full[g]
+                        piece = value[offset: offset + size]
+                        for row, c in enumerate(part.choices):
+                            getattr(part, name)[row, :c].copy_(piece[:c])
+                        offset += size
 
-        model = build_model(shape).to(self.width_logits.device)
-        model.load_state_dict(self.state_dict_for(shape))
-        return model.to(memory_format=torch.channels_last)
-
-    def state_dict_for(self, shape: Shape) -> dict[str, torch.Tensor]:
-        """The state dict of `tasprune.models.build_model(shape)` cut from these weights:
-        sliced convs, projections and classifier, the BN of each slot's chosen width."""
-        out: dict[str, torch.Tensor] = {}
-        for e in _entries(self, shape):
-            if e.tensor is None:
-                out[e.key] = torch.tensor(0, dtype=torch.long)
-            else:
-                out[e.key] = e.tensor[e.index].detach().clone()
+    def full_state(self, shape: PlanShape) -> dict[str, torch.Tensor]:
+        """A full-size state dict in the unpruned network's layout holding these weights
+        (and those of the free shortcuts' projections), each BatchNorm with the statistics
+        of its group's width in `shape`."""
+        wi, _ = self.space.indices_of(shape)
+        row = {g: wi[i] for i, g in enumerate(self.plan.searched)}
+        out = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
+        for layer in self.plan.layers:
+            module = self.layers[layer.name]
+            if layer.kind != "bn":
+                out[f"{layer.name}.weight"] = module.weight.detach().cpu().clone()
+                if getattr(module, "bias", None) is not None:
+                    out[f"{layer.name}.bias"] = module.bias.detach().cpu().clone()
+                continue
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                out[f"{layer.name}.{name}"] = torch.cat([
+                    getattr(part, name)[row.get(g, 0)].detach().cpu()
+                    for g, part in zip(layer.reads, module.parts, strict=True)])
         return out
 
-    def load_teacher(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Initialise from the state dict of the unpruned ResNet: convs, projections and the
-        classifier, and every width choice's BN from the first channels of the teacher's BN."""
-        full = self.space.full
-        entries = list(_entries(self, full))
-        expected = {e.key for e in entries}
-        missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"teacher state dict does not fit the unpruned {full.describe()} with "
-                f"{full.num_classes} classes: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        with torch.no_grad():
-            for e in entries:
-                if e.tensor is None:
-                    continue
-                want = tuple(e.tensor[e.index].shape)
-                got = state[e.key]
-                if tuple(got.shape) != want:
-                    raise ValueError(
-                        f"teacher {e.key} has shape {tuple(got.shape)}, expected {want} (the "
-                        f"unpruned {full.describe()}, {full.num_classes} classes, "
-                        f"{full.in_channels} input channels)"
-                    )
-                if e.bn_choices is None:
-                    e.tensor[e.index].copy_(got)
-                else:
-                    for row, c in enumerate(e.bn_choices):
-                        e.tensor[row, :c].copy_(got[:c])
+    def subnet(self, shape: PlanShape) -> nn.Module:
+        """The network pruned to `shape` with these weights, on this supernet's device."""
+        device = self.width_logits.device
+        return shrink(self.base, shape, self.full_state(shape)).to(device)
 
 
-def _stage_forward(blocks: nn.ModuleList, x: torch.Tensor, widths: tuple[Choice, ...],
-                   depth: Choice) -> torch.Tensor:
-    """Run the first max(d) blocks; mix the outputs after each depth candidate d."""
-    if depth.gate and depth.weights is not None:
-        return _gated_stage_forward(blocks, x, widths, depth)
-    outs: dict[int, torch.Tensor] = {}
-    for b in range(depth.max):
-        x = blocks[b](x, widths)
-        if b + 1 in depth.values:
-            outs[b + 1] = x
-    if depth.weights is None:
-        return x
-    widest = max(o.shape[1] for o in outs.values())
-    total: torch.Tensor | None = None
-    for n, d in enumerate(depth.values):
-        o, p = outs[d], depth.weights[n]
-        if o.shape[1] == widest:
-            term = o * p
-        else:
-            a = resize_matrix(o.shape[1], widest, depth.pad, o.dtype, o.device)
-            term = F.conv2d(o, (a * p)[:, :, None, None])
-        total = term if total is None else total + term
-    assert total is not None
-    return total
-
-
-def _gated_stage_forward(blocks: nn.ModuleList, x: torch.Tensor, widths: tuple[Choice, ...],
-                         depth: Choice) -> torch.Tensor:
-    """The nested relaxation of a depth distribution: the blocks between two consecutive
-    candidates d_i < d_(i+1) form a group that is kept with probability
-    q_i = P(d >= d_(i+1)) / P(d >= d_i) given the blocks before it, and the stage computes
-    y <- y + q_i * (group(y) - y), group by group (narrower tensors zero-padded)."""
-    order = sorted(range(len(depth.values)), key=lambda n: depth.values[n])
-    values = [depth.values[n] for n in order]
-    assert depth.weights is not None
-    probs = depth.weights[order]
-    keep = probs.flip(0).cumsum(0).flip(0)  # keep[i] = P(d >= values[i])
-    for b in range(values[0]):
-        x = blocks[b](x, widths)
-    for i in range(1, len(values)):
-        z = x
-        for b in range(values[i - 1], values[i]):
-            z = blocks[b](z, widths)
-        q = keep[i] / keep[i - 1].clamp_min(1e-12)
-        if z.shape[1] != x.shape[1]:
-            c = max(z.shape[1], x.shape[1])
-            x, z = (F.pad(t, (0, 0, 0, 0, 0, c - t.shape[1])) for t in (x, z))
-        x = x + q * (z - x)
-    return x
-
-
-def _mask(choices: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """[rows, max choices] mask of the real entries of a ragged list of choices."""
-    mask = torch.zeros(len(choices), max((len(c) for c in choices), default=1), dtype=torch.bool)
-    for r, c in enumerate(choices):
-        mask[r, : len(c)] = True
-    return mask
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor of the pruned ResNet's state dict: `tensor[index]` of the supernet.
-
-    `bn_choices` marks per-choice BN tensors (row = choice); `tensor` None marks
-    `num_batches_tracked`."""
-
-    key: str
-    tensor: torch.Tensor | None
-    index: tuple[int | slice, ...] = ()
-    bn_choices: tuple[int, ...] | None = None
-
-
-def _entries(net: SuperNet, shape: Shape) -> Iterator[_Entry]:
-    """Walk the pruned ResNet of `shape` in state-dict order, naming where each tensor lives."""
-    space = net.space
-    wi, _ = space.indices_of(shape)
-
-    def conv_bn(conv_key: str, bn_key: str | None, conv: SlotConv, slot: int, cin: int
-                ) -> Iterator[_Entry]:
-        c = shape.widths[slot]
-        yield _Entry(f"{conv_key}.weight", conv.weight, (slice(0, c), slice(0, cin)))
-        if bn_key is None or conv.bn is None:
-            return
-        row = wi[slot]
-        bn = conv.bn
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            yield _Entry(f"{bn_key}.{name}", getattr(bn, name), (row, slice(0, c)), bn.choices)
-        yield _Entry(f"{bn_key}.num_batches_tracked", None)
-
-    yield from conv_bn("conv1", "bn1", net.stem, 0, shape.in_channels)
-    cin = shape.widths[0]
-    for s, stage in enumerate(shape.skeleton.stages):
-        for blk, sblock in zip(stage[: shape.blocks[s]], net.stages[s], strict=False):
-            prefix = f"layer{s + 1}.{blk.index}"
-            h = cin
-            for j, (conv, sconv) in enumerate(zip(blk.convs, sblock.convs, strict=True)):
-                yield from conv_bn(f"{prefix}.conv{j + 1}", f"{prefix}.bn{j + 1}", sconv,
-                                   conv.slot, h)
-                h = shape.widths[conv.slot]
-            if blk.stride > 1 or cin != h:
-                yield from conv_bn(f"{prefix}.downsample.conv", f"{prefix}.downsample.bn",
-                                   sblock.downsample, blk.out_slot, cin)
-            cin = h
-    yield _Entry("fc.weight", net.fc.weight, (slice(None), slice(0, cin)))
-    yield _Entry("fc.bias", net.fc.bias, (slice(None),))
+def _check(key: str, value: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"the teacher's {key} has shape {tuple(value.shape)}, expected "
+                         f"{tuple(shape)}")

@@ -1,6 +1,7 @@
-"""Train a network of a given Shape, optionally with KD from a teacher, into a run directory.
+"""Train a network (unpruned, or pruned to a shape), optionally with KD from a teacher, into
+a run directory.
 
-`train(shape, data, config, out_dir)` writes `train.pt` (resumable, after every epoch and
+`train(target, data, config, out_dir)` writes `train.pt` (resumable, after every epoch and
 every `checkpoint_every` steps; the one it replaces kept as `train.prev.pt`),
 `metrics.jsonl` (a "train" line per epoch, a "teacher" line when there is a teacher),
 `best.pt` (the weights of the best test epoch, for inspection), the final model
@@ -36,10 +37,12 @@ from tasprune.config import save_config
 from tasprune.data.source import DataBundle
 from tasprune.device import check_fits_data, resolve_amp
 from tasprune.dist import per_rank_batch
-from tasprune.export import SHAPE_FILE, Teacher, as_teacher, save_pruned
+from tasprune.export import SHAPE_FILE, Teacher, as_teacher, save_pruned, spec_for
 from tasprune.faults import Interrupted, StopRequest
-from tasprune.flops import count_flops, count_params
-from tasprune.models import ResNet, build_model
+from tasprune.models.network import full_network, instantiate, network_plan
+from tasprune.net.importance import inherit
+from tasprune.net.plan import PlanShape
+from tasprune.net.surgery import mark
 from tasprune.phase import (
     BEST_FILE,
     METRICS_FILE,
@@ -53,8 +56,6 @@ from tasprune.phase import (
     stream,
 )
 from tasprune.settings import TrainConfig
-from tasprune.shape import Shape
-from tasprune.training.inherit import inherit_weights
 from tasprune.training.loop import (
     EpochControl,
     EpochProgress,
@@ -73,39 +74,49 @@ class TrainResult:
     """The trained model, the last epoch's metrics record and the run directory (and this
     process's rank under torchrun: every rank returns the same metrics)."""
 
-    model: ResNet
+    model: nn.Module
     metrics: dict[str, Any]
     out_dir: Path
     rank: int = 0
 
 
 def train(
-    shape: Shape,
+    target: PlanShape | str | nn.Module,
     data: DataBundle,
     config: TrainConfig,
     out_dir: str | os.PathLike[str],
     teacher: Teacher | None = None,
     resume: bool = False,
+    weights: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
-    """Train `shape` on `data` (KD from `teacher` when given) into `out_dir`; see module doc.
+    """Train `target` on `data` (KD from `teacher` when given) into `out_dir`; see module doc.
 
-    `teacher`: a model, a state dict of the unpruned network of `shape`, or the path of a
-    saved model. With `resume`, continue from `out_dir/train.pt` (or, when that is
-    damaged, the `train.prev.pt` kept beside it) if there is one; the settings must match
-    the checkpoint's, except the runtime ones (`settings.runtime_fields`). Without it, an
+    `target`: a pruned (or full) `PlanShape`, built afresh (seeded by `config.seed`) or,
+    with `config.inherit`, cut from the teacher's channels of largest L1 norm; a
+    registered model name or a FILE.py:FACTORY, its unpruned network for the data (from
+    `weights`, a state dict file, when given); or a module, trained as it is.
+    `teacher`: a module, a state dict of the unpruned network, or the path of a saved
+    model. With `resume`, continue from `out_dir/train.pt` (or, when that is damaged, the
+    `train.prev.pt` kept beside it) if there is one; the settings must match the
+    checkpoint's, except the runtime ones (`settings.runtime_fields`). Without it, an
     existing checkpoint is an error rather than being overwritten. Launched by torchrun,
     this joins the process group (and leaves it at the end if it joined it here).
     """
     out = Path(out_dir)
-    teacher = as_teacher(teacher, shape.replace(widths=shape.full_widths, blocks=shape.depths))
-    check_fits_data(shape, data, "shape")
-    if teacher is not None:
-        check_fits_data(teacher.shape, data, "teacher")
-    if config.inherit and teacher is None:
-        raise ValueError("weight inheritance (--inherit) needs a teacher (--teacher)")
+    model, shape = _target(target, data, config, weights)
+    check_fits_data(shape, data, "network")
+    teacher_model = as_teacher(teacher, shape.plan.source or spec_for("", data),
+                               shape.plan.free)
+    if teacher_model is not None:
+        check_teacher(teacher_model, shape, data)
+    if config.inherit:
+        if teacher_model is None:
+            raise ValueError("weight inheritance (--inherit) needs a teacher (--teacher)")
+        model = inherit(teacher_model, shape)
+        model = mark(model, shape)
     resume = Run(out, TRAIN_CHECKPOINT, _KIND, "training").resuming(resume)
     with process_group(config.device) as (dist, device):
-        job = _Training.build(shape, data, config, teacher,
+        job = _Training.build(model, shape, data, config, teacher_model,
                               Run(out, TRAIN_CHECKPOINT, _KIND, "training", dist, device,
                                   config.log))
         if resume:
@@ -123,17 +134,51 @@ def train(
         return job.finish()
 
 
+def _target(target: PlanShape | str | nn.Module, data: DataBundle, config: TrainConfig,
+            weights: str | os.PathLike[str] | None) -> tuple[nn.Module, PlanShape]:
+    """The module to train and its shape."""
+    if isinstance(target, PlanShape):
+        if weights is not None:
+            raise ValueError("weights start the unpruned network; a pruned shape starts from "
+                             "a fresh initialisation or, with inherit, from the teacher")
+        return instantiate(target, seed=config.seed), target
+    if isinstance(target, str):
+        model, plan = full_network(spec_for(target, data), weights=weights, seed=config.seed)
+        return model, plan.full()
+    shape = getattr(target, "tasprune_shape", None)
+    if not isinstance(shape, PlanShape):
+        shape = network_plan(target, spec_for(target, data)).full()
+        mark(target, shape)
+    return target, shape
+
+
+def check_teacher(teacher: nn.Module, shape: PlanShape, data: DataBundle) -> None:
+    """A pruned shape learns from the unpruned network it was pruned from, trained on the
+    same data; another one is almost always a mixed-up file."""
+    own = getattr(teacher, "tasprune_shape", None)
+    if not isinstance(own, PlanShape):
+        return
+    src, want = own.source, shape.source
+    if src is not None and want is not None and src.name and want.name and src.name != want.name:
+        raise ValueError(f"the teacher is a {src.name} but the shape prunes a {want.name}; "
+                         "give the teacher the shape was pruned from")
+    if (own.num_classes, own.in_channels) != (data.num_classes, data.in_channels):
+        raise ValueError(f"the teacher has {own.num_classes} classes and {own.in_channels} "
+                         f"input channels but the data {data.name!r} has {data.num_classes} "
+                         f"and {data.in_channels}; give a teacher trained on this data")
+
+
 @dataclass
 class _Training:
     """One training run's objects, built once; each method is one step of the run."""
 
-    shape: Shape
+    shape: PlanShape
     data: DataBundle
     config: TrainConfig
-    teacher: ResNet | None
+    teacher: nn.Module | None
     run: Run
     options: LoopOptions
-    model: ResNet
+    model: nn.Module
     net: nn.Module  # the model as trained: wrapped by DDP under torchrun, compiled
     optimizer: torch.optim.Optimizer
     scheduler: WarmupCosine
@@ -145,16 +190,12 @@ class _Training:
     record: dict[str, Any] = field(default_factory=dict)  # the last epoch's
 
     @classmethod
-    def build(cls, shape: Shape, data: DataBundle, config: TrainConfig,
-              teacher: ResNet | None, run: Run) -> _Training:
+    def build(cls, model: nn.Module, shape: PlanShape, data: DataBundle, config: TrainConfig,
+              teacher: nn.Module | None, run: Run) -> _Training:
         dist, device = run.dist, run.device
         options = LoopOptions(batch_size=per_rank_batch(config.batch_size, dist), device=device,
                               amp=resolve_amp(config.amp, device), channels_last=True,
                               quiet=config.quiet or not dist.is_main)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            model = (inherit_weights(shape, teacher.cpu()) if config.inherit
-                     else build_model(shape))
         model = model.to(device, memory_format=torch.channels_last)
         if teacher is not None:
             teacher = teacher.to(device, memory_format=torch.channels_last).eval()
@@ -189,7 +230,7 @@ class _Training:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.config.to_dict(), "best": self.best, "rng": rng_state(),
-            "teacher_shape": self.teacher.shape.to_dict() if self.teacher is not None else None,
+            "teacher_shape": _teacher_id(self.teacher),
             "data": _data_id(self.data),
         }
 
@@ -229,7 +270,7 @@ class _Training:
                   f"{self.config.epochs}{where}")
 
     def _check_resumable(self, state: dict[str, Any], used: Path) -> None:
-        if Shape.from_dict(state["shape"]) != self.shape:
+        if state["shape"] != self.shape.to_dict():
             raise CheckpointError(f"{used}: was written for another shape; resume with the "
                                   "same --model/--shape or choose another output directory")
         self.run.check_settings(state["config"], self.config, used)
@@ -238,7 +279,7 @@ class _Training:
             raise CheckpointError(f"{used}: the run was started on other data "
                                   f"({state['data']}, now {data}); resume with the same --data")
         saved = state.get("teacher_shape")
-        now = self.teacher.shape.to_dict() if self.teacher is not None else None
+        now = _teacher_id(self.teacher)
         if saved != now:
             had = "with a teacher" if saved is not None else "without a teacher"
             raise CheckpointError(f"{used}: the run was started {had}; resume with the same "
@@ -303,14 +344,23 @@ class _Training:
         """The final model (model.safetensors + shape.json) and the result."""
         model = self.model.to(memory_format=torch.contiguous_format)
         run = self.run
-        on_main(run.dist, run.device, lambda: save_pruned(run.out, model))
+        on_main(run.dist, run.device, lambda: save_pruned(run.out, model, self.shape))
         record = self.record or next(  # resumed a finished run: report its last epoch
             (r for r in reversed(read_jsonl(run.out / METRICS_FILE))
              if r.get("phase") == "train"), {})
         record = {**record, "best_test_acc": self.best["test_acc"],
-                  "best_epoch": self.best["epoch"], "flops": count_flops(self.shape),
-                  "params": count_params(self.shape)}
+                  "best_epoch": self.best["epoch"], "flops": self.shape.count("flops"),
+                  "params": self.shape.count("params")}
         return TrainResult(model=model, metrics=record, out_dir=run.out, rank=run.dist.rank)
+
+
+def _teacher_id(teacher: nn.Module | None) -> dict[str, Any] | None:
+    """What a checkpoint records of the teacher, to resume with the same one."""
+    if teacher is None:
+        return None
+    shape = getattr(teacher, "tasprune_shape", None)
+    return shape.to_dict() if isinstance(shape, PlanShape) else {"module":
+                                                                   type(teacher).__name__}
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,11 +1,14 @@
-"""Shape: the complete, serialisable description of a (pruned) ResNet.
+"""Shape: a (pruned) built-in ResNet named by its widths, the view of the TAS `.config`
+files.
 
-A Shape is the search result: how many blocks each stage keeps and how many
-output channels every conv keeps. It rebuilds the network deterministically
-(`tasprune.models.build_model(shape)`), counts its cost (`tasprune.flops`) and
-travels as a small JSON file. Widths are listed for every conv of the *full*
-network (slot order of `tasprune.families`); entries of dropped blocks are
-kept so slot numbers never move, and are ignored by the built network.
+A Shape says how many blocks each stage of a built-in ResNet keeps and how many output
+channels every conv keeps, in the order of the original TAS code's files. It reads and
+writes those files (the twelve published shapes ship with tasprune) and the `shape.json`
+of earlier tasprune versions; everything else reads the network's layer plan
+(`tasprune.net.plan.PlanShape`), into which `tasprune.models.network.from_view` turns
+it. Widths are listed for every conv of the *full* network (slot order of
+`tasprune.models.families`); entries of dropped blocks are kept so slot numbers never
+move, and are ignored by the built network.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from tasprune._io import atomic_write_text, read_json
-from tasprune.families import (
+from tasprune.models.families import (
     BLOCK_TYPES,
     FAMILIES,
     MAX_BLOCKS_PER_STAGE,
+    MODELS,
     Skeleton,
     build_skeleton,
     full_widths,
@@ -152,6 +156,19 @@ class Shape:
         """Output channels of a stage: its last kept block's output width."""
         return self.widths[self.skeleton.stages[stage][self.blocks[stage] - 1].out_slot]
 
+    @property
+    def model_name(self) -> str:
+        """The registered name of the unpruned network (e.g. "resnet56")."""
+        for name, triple in MODELS.items():
+            if triple == (self.family, self.block, self.depths):
+                return name
+        if self.family == "cifar_resnet" and len(set(self.depths)) == 1:
+            per_block = len(BLOCK_TYPES[self.block])
+            depth = 3 * per_block * self.depths[0] + 2
+            return f"cifar-resnet{depth}" + ("-bottleneck" if self.block == "bottleneck" else "")
+        raise ValueError(f"no registered model is a {self.family} with {self.block} blocks "
+                         f"and depths {list(self.depths)}")
+
     def describe(self) -> str:
         kept = "/".join(f"{b}:{d}" for b, d in zip(self.blocks, self.depths, strict=True))
         return f"{self.family} {self.block} blocks(kept:full)={kept}"
@@ -222,9 +239,9 @@ class Shape:
             msg = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ValueError(f"{path}: not a valid TAS shape config: {msg}") from None
 
-    def to_tas_config(self, path: str | os.PathLike[str] | None = None) -> str:
-        """The shape in the original TAS format; written to `path` when given."""
-        from tasprune.flops import count_flops  # local: flops imports this module
+    def to_tas_config(self, flops: int, path: str | os.PathLike[str] | None = None) -> str:
+        """The shape in the original TAS format, with its FLOPs (`flops`, as
+        `tasprune.count_flops` counts them) as its estimate; written to `path` when given."""
 
         def entry(kind: str, value: Any) -> list[Any]:
             if isinstance(value, (list, tuple)):
@@ -251,7 +268,7 @@ class Shape:
             "search_mode": entry("str", "shape"),
             "xchannels": entry("int", xchannels),
             "xblocks": entry("int", self.blocks),
-            "estimated_FLOP": entry("float", f"{count_flops(self) / 1e6:.6f}"),
+            "estimated_FLOP": entry("float", f"{flops / 1e6:.6f}"),
         }
         text = "{\n" + ",\n".join(
             f"  {json.dumps(k):<20} : {json.dumps(v)}" for k, v in data.items()
@@ -328,7 +345,7 @@ def max_widths(full: tuple[int, ...], block: str) -> tuple[int, ...]:
     return tuple(bounds)
 
 
-PAPER_SHAPES_DIR = Path(__file__).parent / "paper_shapes"
+PAPER_SHAPES_DIR = Path(__file__).parent.parent / "paper_shapes"
 
 
 def paper_shape_names() -> list[str]:
