@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from tasprune import Shape, load_data
+from tasprune import load_data
 from tasprune._io import atomic_write_text, read_jsonl
 from tasprune.pipeline import PruneConfig, load_prune_config, prune
 from tasprune.training.trainer import train
@@ -111,13 +111,11 @@ def _teacher(args: argparse.Namespace, root: Path) -> str:
     if not (tdir / "model.safetensors").is_file():
         config: PruneConfig = load_prune_config(args.config, tuple(_base_overrides(args, None)))
         data = load_data(config.data, quiet=args.quiet)
-        full = Shape.full(config.model, num_classes=data.num_classes,
-                          in_channels=data.in_channels, resolution=data.resolution)
         _log(f"teacher: training the unpruned {config.model} for "
              f"{config.teacher_train.epochs} epochs into {tdir}")
         settings = dataclasses.replace(config.teacher_train,
                                        quiet=args.quiet or config.teacher_train.quiet)
-        train(full, data, settings, tdir, resume=(tdir / "train.pt").is_file())
+        train(config.model, data, settings, tdir, resume=(tdir / "train.pt").is_file())
     return str(tdir)
 
 

@@ -2,13 +2,13 @@
 
 For every model, one `tasprune prune --model FILE.py:FACTORY` run directory per method
 under ROOT/<model>/<method>: the "tas" run trains the unpruned teacher (into
-ROOT/<model>/tas/teacher/model.safetensors); "uniform" and "l1" take that teacher
-as --weights. Every method fine-tunes its pruned network for the same epochs with KD
-from the teacher (TAS also spends the search epochs):
+ROOT/<model>/tas/teacher/); "uniform" and "l1" take that teacher as --teacher. Every
+method trains its pruned network for the same epochs with KD from the teacher (TAS also
+spends the search epochs):
 
-    tas      importance reorder, TAS search, the teacher's first channels, KD fine-tune
+    tas      Taylor reorder, TAS search, the shape trained from scratch with KD
     uniform  one width ratio for every channel group (bisection), fresh weights, KD
-    l1       the same widths, the teacher's channels of largest L1 norm, KD fine-tune
+    l1       the teacher's channels of largest L1 norm (global ranking), inherited, KD
 
 Prints one JSON line per run (accuracy, FLOPs, params, CPU latency of dense and pruned
 at batch 1 and 64, measured in alternating rounds at the end of the run) and writes
@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasprune.custom import run_prune
 from tasprune.latency import LatencyConfig
 from tasprune.models import zoo
+from tasprune.pipeline import prune
 from tasprune.settings import PruneConfig, SearchConfig, TrainConfig
 
 METHODS = ("tas", "uniform", "l1")
@@ -50,13 +50,13 @@ def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 MODELS = {"mobilenet_v2": mobilenet_v2, "resnet18": resnet18}
 
 
-def config(model: str, method: str, args: argparse.Namespace, weights: str | None
+def config(model: str, method: str, args: argparse.Namespace, teacher: str | None
            ) -> PruneConfig:
     train = TrainConfig(epochs=args.train_epochs, batch_size=args.batch_size,
                         lr=args.lr, seed=args.seed, quiet=args.quiet)
     return PruneConfig(
         model=f"{Path(__file__).resolve()}:{model}", data=args.data, method=method,
-        weights=weights,
+        teacher=teacher,
         teacher_train=TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size,
                                   seed=args.seed, quiet=args.quiet),
         search=SearchConfig(epochs=args.search_epochs, batch_size=args.batch_size,
@@ -73,9 +73,9 @@ def table(records: list[dict]) -> str:
         ms = r["latency"]["ms"]
         lat = [f"{ms['dense'][b]['median']:.2f} / {ms['pruned'][b]['median']:.2f}"
                for b in ("1", "64")]
-        lines.append(f"| {r['name']} | {r['method']} | {r['acc']:.4f} | "
-                     f"{r['teacher_acc']:.4f} | {r['flops'] / r['full_flops']:.3f} | "
-                     f"{r['params'] / r['full_params']:.3f} | {lat[0]} | {lat[1]} |")
+        lines.append(f"| {r['name']} | {r['method']} | {r['acc_pruned']:.4f} | "
+                     f"{r['acc_full']:.4f} | {r['flops_pruned'] / r['flops_full']:.3f} | "
+                     f"{r['params_pruned'] / r['params_full']:.3f} | {lat[0]} | {lat[1]} |")
     return "\n".join(lines)
 
 
@@ -99,15 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out)
     records = []
     for name in args.models:
-        teacher = root / name / "tas" / "teacher" / "model.safetensors"
+        teacher = root / name / "tas" / "teacher"
         for method in args.methods:
             out = root / name / method
             if (out / "summary.json").is_file():
                 summary = json.loads((out / "summary.json").read_text())
             else:
-                weights = str(teacher) if teacher.is_file() else None
-                summary = run_prune(config(name, method, args, weights), out, weights,
-                                    quiet=args.quiet)
+                given = str(teacher) if (teacher / "model.safetensors").is_file() else None
+                summary = prune(config(name, method, args, given), out, quiet=args.quiet)
             record = {"name": name, "threads": args.threads, **summary,
                       "epochs": {"teacher": args.teacher_epochs, "search": args.search_epochs,
                                  "train": args.train_epochs}}

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from tasprune import Shape, build_model, count_flops, count_params, paper_shape, paper_shape_names
+from tasprune import PlanShape, build_model, load_shape, paper_shape_names
 from tasprune.latency import LatencyConfig, paired_latency
 
 
@@ -70,30 +70,31 @@ def select_paper(patterns: list[str] | None) -> list[str]:
     return chosen
 
 
-def _run_shape(path: str) -> Shape:
+def _run_shape(path: str, resolution: int | None) -> PlanShape:
     p = Path(path)
     file = p / "shape.json" if p.is_dir() else p
     if not file.is_file():
         raise SystemExit(f"latency.py: {path}: no shape.json (not a run directory?)")
-    return Shape.load(file)
+    return load_shape(str(file), resolution=resolution)
 
 
-def compare(name: str, pruned: Shape, device: str, config: LatencyConfig) -> dict[str, Any]:
-    """Time the unpruned net of `pruned`'s family against it (paired, `config.rounds`
-    rounds); one result record."""
-    dense = pruned.replace(widths=pruned.full_widths, blocks=pruned.depths)
+def compare(name: str, pruned: PlanShape, device: str, config: LatencyConfig
+            ) -> dict[str, Any]:
+    """Time the unpruned net `pruned` prunes against it (paired, `config.rounds` rounds);
+    one result record."""
+    dense = pruned.plan.full()
     size = (pruned.in_channels, pruned.resolution, pruned.resolution)
     config = LatencyConfig(**{**config.__dict__, "device": device})
     result = paired_latency({"dense": build_model(dense), "pruned": build_model(pruned)},
                             size, config)
     ms = {k: result.ms(k) for k in ("dense", "pruned")}
     speed = result.speedup("dense", "pruned")
-    fd, fp = count_flops(dense), count_flops(pruned)
+    fd, fp = dense.count("flops"), pruned.count("flops")
     return {
         "name": name, "device": device, "threads": result.threads, "rounds": result.rounds,
         "resolution": pruned.resolution, "blocks": list(pruned.blocks),
         "flops_dense": fd, "flops_pruned": fp, "flops_ratio": fp / fd, "flops_speedup": fd / fp,
-        "params_dense": count_params(dense), "params_pruned": count_params(pruned),
+        "params_dense": dense.count("params"), "params_pruned": pruned.count("params"),
         "latency_ms": {k: {str(b): s.median for b, s in rows.items()} for k, rows in ms.items()},
         "latency_spread_ms": {k: {str(b): [s.low, s.high] for b, s in rows.items()}
                               for k, rows in ms.items()},
@@ -124,13 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     config = LatencyConfig(batch_sizes=tuple(args.batch_sizes), warmup=args.warmup,
                            repeats=args.repeats, min_repeats=1, max_seconds=args.max_seconds,
                            rounds=args.rounds, threads=args.threads)
-    targets = [(str(r), _run_shape(r)) for r in args.runs]
+    targets = [(str(r), _run_shape(r, args.resolution)) for r in args.runs]
     if args.paper is not None or not args.runs:
-        targets += [(n, paper_shape(n)) for n in select_paper(args.paper)]
+        targets += [(n, load_shape(n, resolution=args.resolution))
+                    for n in select_paper(args.paper)]
     records = []
     for name, shape in targets:
-        if args.resolution:
-            shape = shape.replace(resolution=args.resolution)
         for device in devices:
             record = compare(name, shape, device, config)
             records.append(record)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from tasprune import Shape, build_model, count_flops
+from tasprune import build_model, load_shape
 from tasprune._io import read_jsonl
 from tasprune.latency import LatencyConfig, paired_latency
 from tasprune.latency_table import LatencyTable
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     threads = args.threads or torch.get_num_threads()
     for run in map(Path, args.runs):
-        shape = Shape.load(run / "shape.json")
-        dense = shape.replace(widths=shape.full_widths, blocks=shape.depths)
+        shape = load_shape(str(run / "shape.json"))
+        dense = shape.plan.full()
         budgets = budgets_of(run)
         if not budgets:
             raise SystemExit(f"latency_budget.py: {run}: the search had no latency budget")
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             predicted = {"dense": table.predict(dense), "pruned": table.predict(shape)}
             print(json.dumps({
                 "run": str(run), "batch": batch, "threads": threads, "target": target,
-                "flops_ratio": count_flops(shape) / count_flops(dense),
+                "flops_ratio": shape.count("flops") / dense.count("flops"),
                 "predicted_ratio": predicted["pruned"] / predicted["dense"],
                 "measured_ratio": measured,
                 "measured_ratio_range": [ratios[0], ratios[-1]],

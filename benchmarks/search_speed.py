@@ -30,7 +30,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tasprune import Shape, build_model, count_flops
+from tasprune import ModelSpec, build_model
+from tasprune.models.network import full_network
 from tasprune.tas.searcher import SearchConfig
 from tasprune.tas.space import SearchSpace
 from tasprune.tas.step import search_step
@@ -49,7 +50,9 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
           ) -> dict[str, object]:
     torch.manual_seed(seed)
     dev = torch.device(device)
-    full = Shape.full(model, num_classes=classes, resolution=resolution)
+    spec = ModelSpec(model, classes, 3, resolution)
+    _, plan = full_network(spec, free=True)  # the paper's space: a group per conv
+    full = plan.full()
     x = torch.randn(batch, 3, resolution, resolution, device=dev)
     y = torch.randint(0, classes, (batch,), device=dev)
     xv = torch.randn(batch, 3, resolution, resolution, device=dev)
@@ -77,10 +80,11 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
         cl_opt.step()
 
     teacher = build_model(full).eval().to(dev, memory_format=torch.channels_last)
-    full_flops = count_flops(full)
+    full_flops = full.count("flops")
 
     def searcher(config: SearchConfig, kd: bool, amp: str = "off") -> Callable[[], None]:
-        net = SuperNet(SearchSpace.from_shape(full), torch.Generator().manual_seed(seed))
+        net = SuperNet(SearchSpace.from_plan(plan), full_network(spec, free=True, seed=seed)[0],
+                       torch.Generator().manual_seed(seed))
         net = net.train().to(dev)
         w_opt = torch.optim.SGD(net.weight_parameters(), lr=config.lr,
                                 momentum=config.momentum, nesterov=True,

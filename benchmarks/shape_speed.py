@@ -22,9 +22,12 @@ import statistics
 import sys
 from typing import Any
 
-from tasprune import Shape, build_model, count_flops
+from tasprune import ModelSpec, PlanShape, build_model
 from tasprune.baselines import random_shape
 from tasprune.latency import LatencyConfig, paired_latency
+from tasprune.models.network import full_network
+from tasprune.models.registry import default_resolution
+from tasprune.tas.space import SearchSpace
 
 VARIANTS = {  # name -> (coupled residual widths, channel multiple)
     "free": (False, 1),
@@ -50,12 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def measure(shape: Shape, config: LatencyConfig) -> dict[str, Any]:
-    dense = shape.replace(widths=shape.full_widths, blocks=shape.depths)
+def measure(shape: PlanShape, config: LatencyConfig) -> dict[str, Any]:
+    dense = shape.plan.full()
     size = (shape.in_channels, shape.resolution, shape.resolution)
     result = paired_latency({"dense": build_model(dense), "pruned": build_model(shape)}, size,
                             config)
-    ideal = count_flops(dense) / count_flops(shape)
+    ideal = dense.count("flops") / shape.count("flops")
     speed = result.speedup("dense", "pruned")
     return {"flops_ratio": 1 / ideal, "ideal": ideal, "threads": result.threads,
             "speedup": {str(b): s.median for b, s in speed.items()},
@@ -66,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     summary: dict[tuple[str, str, int], list[dict[str, float]]] = {}
     for model in args.models:
-        full = Shape.full(model)
+        spec = ModelSpec(model, 10, 3, default_resolution(model))
         for variant in args.variants:
             coupled, multiple = VARIANTS[variant]
-            shapes = [random_shape(full, args.ratio, seed=seed, multiple_of=multiple,
-                                   coupled=coupled) for seed in range(args.samples)]
+            _, plan = full_network(spec, free=not coupled)
+            space = SearchSpace.from_plan(plan, multiple_of=multiple)
+            shapes = [random_shape(space, args.ratio, seed=seed)
+                      for seed in range(args.samples)]
             for seed, shape in enumerate(shapes):
                 for threads in args.threads:
                     config = LatencyConfig(batch_sizes=tuple(args.batch_sizes), warmup=2,

@@ -193,3 +193,23 @@ def space_of(name="resnet8", classes=4, in_channels=1, resolution=12, free=True,
     from tasprune.tas.space import SearchSpace
 
     return SearchSpace.from_plan(network(name, classes, in_channels, resolution, free)[1], **kw)
+
+
+def space_from(shape, free=True):
+    """The search space of the unpruned built-in ResNet a `Shape` names."""
+    from tasprune.models.network import view_plan
+    from tasprune.tas.space import SearchSpace
+
+    return SearchSpace.from_plan(view_plan(shape, free))
+
+
+def supernet_from(shape, free=True, seed=0):
+    """The supernet of the unpruned built-in ResNet a `Shape` names, freshly initialised."""
+    from tasprune.models.network import full_network
+    from tasprune.net.plan import ModelSpec
+    from tasprune.tas.space import SearchSpace
+    from tasprune.tas.supernet import SuperNet
+
+    spec = ModelSpec(shape.model_name, shape.num_classes, shape.in_channels, shape.resolution)
+    model, plan = full_network(spec, free=free, seed=seed)
+    return SuperNet(SearchSpace.from_plan(plan), model, torch.Generator().manual_seed(seed))

@@ -13,7 +13,7 @@ flops_ratio=0.5)`. Any saved model: `load_model(dir)`.
 
 from tasprune._version import __version__
 from tasprune.data import DataBundle, DataError, load_data
-from tasprune.export import load_model, load_pruned, load_shape
+from tasprune.export import load_model, load_pruned, load_pruned_model, load_shape
 from tasprune.flops import count_flops, count_params, layer_table
 from tasprune.hub import from_pretrained, save_pretrained
 from tasprune.models import Shape, create_model, list_models, paper_shape, paper_shape_names
@@ -53,6 +53,7 @@ __all__ = [
     "load_model",
     "load_prune_config",
     "load_pruned",
+    "load_pruned_model",
     "load_shape",
     "paper_shape",
     "paper_shape_names",

@@ -17,6 +17,7 @@ from torch import nn
 from tasprune.data.source import DataBundle
 from tasprune.deploy import OnnxRuntimeTarget, fold_batchnorm, onnxruntime_missing
 from tasprune.device import check_fits_data
+from tasprune.export import export_onnx
 from tasprune.latency import LatencyConfig, Target, paired_latency
 from tasprune.models.network import instantiate
 from tasprune.net.plan import PlanShape
@@ -112,8 +113,6 @@ def _add_onnxruntime(model: nn.Module, path: Path, targets: dict[str, nn.Module 
                      ) -> str | None:
     """Export `model` (folded) to `path` and add its ONNX Runtime session to `targets`;
     the reason on failure (timing is a measurement: a failed export must not end it)."""
-    from tasprune.export import export_onnx
-
     try:
         export_onnx(model, path)
         target = OnnxRuntimeTarget(path)

@@ -27,10 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tasprune._io import atomic_write
+from tasprune._io import atomic_write, read_json
 from tasprune.checkpoint import CheckpointError, load_checkpoint, load_state_checked
 from tasprune.data.source import DataBundle
 from tasprune.deploy import fold_batchnorm
+from tasprune.device import check_fits_data
 from tasprune.models.network import example_input, from_view, full_network, network_plan
 from tasprune.models.registry import (
     call_factory,
@@ -79,10 +80,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _json_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot be read as a shape ({exc})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a shape (expected a JSON object)")
     return data
@@ -246,6 +244,12 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
 
 load_pruned = load_model  # the name of earlier versions
 
+
+def load_pruned_model(path: str | os.PathLike[str], factory: Factory | None = None,
+                      device: str | torch.device = "cpu") -> nn.Module:
+    """`load_model` of a network of your own (the name of earlier versions)."""
+    return load_model(path, device, factory)
+
 Teacher = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike[str]
 
 
@@ -270,19 +274,26 @@ def as_teacher(teacher: Teacher | None, spec: ModelSpec, free: bool = False,
                     f"{type(teacher).__name__}")
 
 
-def spec_for(network: str | nn.Module, data: DataBundle) -> ModelSpec:
-    """The spec of `network` (a registered name or factory, or a module: its own name when
-    tasprune built it) for the images and classes of `data`."""
+def spec_for(network: str | nn.Module | Shape, data: DataBundle) -> ModelSpec:
+    """The spec of `network` (a registered name or factory, the Shape of an unpruned
+    built-in ResNet, or a module: its own name when tasprune built it) for the images and
+    classes of `data`."""
     name: str | None
     if isinstance(network, str):
         name = network
+    elif isinstance(network, Shape):
+        if not network.is_full:
+            raise ValueError(f"{network.describe()} is pruned; give the unpruned network "
+                             "(Shape.full) or its name")
+        check_fits_data(from_view(network), data, "network")
+        name = network.model_name
     else:
         shape = getattr(network, "tasprune_shape", None)
         name = shape.source.name if isinstance(shape, PlanShape) and shape.source else None
     return ModelSpec(name, data.num_classes, data.in_channels, data.resolution)
 
 
-def resolve_network(network: str | nn.Module, data: DataBundle, teacher: Teacher | None,
+def resolve_network(network: str | nn.Module | Shape, data: DataBundle, teacher: Teacher | None,
                     free: bool, seed: int = 0, weights: str | os.PathLike[str] | None = None
                     ) -> tuple[nn.Module, LayerPlan, nn.Module | None]:
     """(the unpruned module to start from, its plan for `data`, the teacher module or None)
@@ -303,7 +314,8 @@ def resolve_network(network: str | nn.Module, data: DataBundle, teacher: Teacher
         source = own.source if isinstance(own, PlanShape) else None
         if source is not None and spec.name and source.name and source.name != spec.name:
             raise ValueError(f"the teacher is a {source.name}, not a {spec.name}; give the "
-                             f"trained unpruned {spec.name}")
+                             f"trained unpruned {spec.name} (train one with `tasprune train "
+                             f"--model {spec.name}`)")
         if source is not None and (source.num_classes, source.in_channels) != (
                 spec.num_classes, spec.in_channels):
             raise ValueError(f"the teacher has {source.num_classes} classes and "

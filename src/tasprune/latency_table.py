@@ -354,16 +354,23 @@ class LatencyTable:
             self._matrices[cache] = t
         return t
 
+    def _diagonal(self, op: tuple[object, ...], values: list[int]) -> torch.Tensor:
+        """Times at widths c -> c (a depthwise conv, a BatchNorm, a layer whose input and
+        output are one group)."""
+        cache = (op, tuple(values), "diagonal")
+        t = self._matrices.get(cache)
+        if t is None:
+            self.fill((op, v, v) for v in values)
+            t = torch.tensor([self.entries[(op, v, v)] for v in values], dtype=torch.float64)
+            self._matrices[cache] = t
+        return t
+
     def _expected_layer(self, layer: PlanLayer, op: tuple[object, ...], choices: _Choices
                         ) -> torch.Tensor:
         va, pa = choices.cin(layer)
-        if layer.writes is None:  # c -> c
-            t = self._matrix(op, va, va, False).to(pa)
-            return (pa * t.diagonal()).sum()
+        if layer.writes is None or (layer.reads == (layer.writes,) and not layer.after):
+            return (pa * self._diagonal(op, va).to(pa)).sum()  # c -> c: one variable
         vb, pb = choices.group(layer.writes)
-        if layer.reads == (layer.writes,) and not layer.after:  # one variable
-            t = self._matrix(op, va, va, False).to(pa)
-            return (pa * t.diagonal()).sum()
         t = self._matrix(op, va, vb, layer.when is not None).to(pa)
         return pa @ t @ pb
 

@@ -73,10 +73,10 @@ from tasprune.report import write_report
 from tasprune.settings import PruneConfig, SearchConfig, TrainConfig
 from tasprune.tas.budgets import build_budgets, check_budget, describe_budgets, space_of
 from tasprune.tas.cost import Budget, normalized_cost
-from tasprune.tas.searcher import search
+from tasprune.tas.searcher import search as run_search
 from tasprune.tas.space import SearchSpace
 from tasprune.tracking import log_record
-from tasprune.training.trainer import train
+from tasprune.training.trainer import train as run_train
 
 RECIPES_DIR = Path(__file__).parent / "configs"
 CONFIG_FILE = "config.yaml"
@@ -246,7 +246,7 @@ def _teacher(config: PruneConfig, data: DataBundle, out: Path, quiet: bool) -> n
     resume = has_checkpoint(tdir / TRAIN_CHECKPOINT)
     _log(quiet, f"teacher: {'resuming' if resume else 'training'} the unpruned {config.model} "
          f"for {config.teacher_train.epochs} epochs into {tdir}")
-    return train(config.model, data, config.teacher_train, tdir, resume=resume).model
+    return run_train(config.model, data, config.teacher_train, tdir, resume=resume).model
 
 
 def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = False,
@@ -328,7 +328,7 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         resume = has_checkpoint(out / SEARCH_CHECKPOINT)
         _log(quiet, f"search: {'resuming' if resume else 'searching'} at "
              f"{describe_budgets(config.search)} for {config.search.epochs} epochs")
-        found = search(config.model, data, config.search, out, teacher=teacher,
+        found = run_search(config.model, data, config.search, out, teacher=teacher,
                        resume=resume, quiet=quiet)
         shape = found.shape
         if found.adjusted and found.argmax_flops is not None:
@@ -345,7 +345,8 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         how = "with KD" if config.train.kd_alpha > 0 else "without KD (train.kd_alpha=0)"
         _log(quiet, f"train: {'resuming' if resume else 'training'} the {config.method} shape "
              f"{how} for {config.train.epochs} epochs")
-        pruned = train(shape, data, config.train, out, teacher=teacher, resume=resume).model
+        pruned = run_train(shape, data, config.train, out, teacher=teacher,
+                           resume=resume).model
 
     summary_path = out / SUMMARY_FILE
     if dist.is_main:
@@ -460,24 +461,24 @@ class PruneModelResult:
 
 
 def prune_model(model: nn.Module, data: DataBundle, flops_ratio: float | None = None,
-                params_ratio: float | None = None, *, search_config: SearchConfig | None = None,
-                train_config: TrainConfig | None = None,
+                params_ratio: float | None = None, *, search: SearchConfig | None = None,
+                train: TrainConfig | None = None,
                 out_dir: str | os.PathLike[str] = "runs/mine", method: str = "tas",
                 quiet: bool = False) -> tuple[nn.Module, PruneModelResult]:
     """Prune `model` (a trained network of your own, any traceable CNN) to `flops_ratio` of
     its FLOPs and/or `params_ratio` of its parameters on `data` (given either, they replace
-    the budgets of `search_config`; given neither, those hold: by default half the FLOPs);
+    the budgets of `search`; given neither, those hold: by default half the FLOPs);
     returns the pruned module and the result.
 
     The shape comes from the TAS search (`method` "tas", into `out_dir/search/`) or a
     baseline ("uniform", "l1", "random"); the pruned network keeps the model's channels
     of largest L1 norm (`tasprune.net.importance.inherit`) and is fine-tuned with
-    distillation from `model` for `train_config.epochs` (no fine-tuning when it is None),
+    distillation from `model` for `train.epochs` (no fine-tuning when it is None),
     with the checkpoints of `tasprune train`. Writes `out_dir/model.safetensors` +
     `shape.json` (load with `tasprune.load_model(out_dir, factory)`). Run again into the
     same `out_dir`, it continues where it stopped."""
     out = Path(out_dir)
-    config = search_config or SearchConfig()
+    config = search or SearchConfig()
     if flops_ratio is not None or params_ratio is not None:
         config = dataclasses.replace(config, flops_ratio=flops_ratio, params_ratio=params_ratio)
     if method not in ("tas", "uniform", "l1", "random"):
@@ -489,17 +490,17 @@ def prune_model(model: nn.Module, data: DataBundle, flops_ratio: float | None = 
     history: list[dict[str, Any]] = []
     if method == "tas":
         resume = has_checkpoint(out / "search" / SEARCH_CHECKPOINT)
-        result = search(model, data, config, out / "search", teacher=model, resume=resume,
-                        quiet=quiet)
+        result = run_search(model, data, config, out / "search", teacher=model,
+                            resume=resume, quiet=quiet)
         shape, history = result.shape, result.history
     else:
         shape = baseline_shape(method, config, space, model)
     pruned = inherit(model, shape)
     mark(pruned, shape)
     teacher_acc = acc = None
-    if train_config is not None:
-        trained = train(pruned, data, dataclasses.replace(train_config, inherit=False), out,
-                        teacher=model, resume=has_checkpoint(out / TRAIN_CHECKPOINT))
+    if train is not None:
+        trained = run_train(pruned, data, dataclasses.replace(train, inherit=False), out,
+                            teacher=model, resume=has_checkpoint(out / TRAIN_CHECKPOINT))
         pruned, acc = trained.model, trained.metrics.get("test_acc")
         teacher_acc = next((r["test_acc"] for r in read_jsonl(out / METRICS_FILE)
                             if r.get("phase") == "teacher"), None)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 
 from helpers import dist_data  # noqa: E402
 from tasprune import cli  # noqa: E402
+from tasprune.commands import _common  # noqa: E402
 from tasprune.training import loop  # noqa: E402
 
 
@@ -48,7 +49,7 @@ if __name__ == "__main__":
     if os.environ.get("TEST_FAULT"):
         kind, rank, step = os.environ["TEST_FAULT"].split()
         _inject(kind, int(rank), int(step))
-    cli._load_data = lambda spec, quiet=True: dist_data()
+    _common.get_data = lambda spec, quiet=True: dist_data()
     code = cli.main(sys.argv[1:])
     # torchrun terminates the other workers once one has exited non-zero, so the test
     # reads each rank's exit status here, not from torchrun's report

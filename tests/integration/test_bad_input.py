@@ -25,11 +25,12 @@ from safetensors.torch import save_file
 
 from helpers import synthetic_bundle
 from tasprune import cli
+from tasprune.commands import _common
 from tasprune.data.idx import write_idx
 from tasprune.export import save_pruned
 from tasprune.models import build_model
+from tasprune.models.shape import PAPER_SHAPES_DIR, Shape
 from tasprune.models.zoo import concat_net, resnet18
-from tasprune.shape import PAPER_SHAPES_DIR, Shape
 from tasprune.training.trainer import TrainConfig, train
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -193,8 +194,8 @@ def _make_files(root: Path) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def synthetic_spec(monkeypatch):
     """`--data synthetic` is a tiny in-memory dataset; every other spec loads as usual."""
-    real = cli._load_data
-    monkeypatch.setattr(cli, "_load_data", lambda spec, quiet=True:
+    real = _common.get_data
+    monkeypatch.setattr(_common, "get_data", lambda spec, quiet=True:
                         SYNTHETIC if spec == "synthetic" else real(spec, quiet))
 
 
@@ -270,11 +271,12 @@ CASES = [
     # TAS .config files: of another depth than the teacher, or inconsistent
     ("train-config-56-teacher-20", ["train", "--shape", "C010-ResNet56", "--teacher", "{run20}",
                                     *T, "--out", "{out}"],
-     ["--shape C010-ResNet56 was pruned from", "depths [9, 9, 9]", "depths [3, 3, 3]"], "out"),
+     ["the teacher is a resnet20", "the shape prunes a resnet56"], "out"),
     ("train-config-file-56-teacher-20", ["train", "--shape",
                                          str(PAPER_SHAPES_DIR / "C010-ResNet56.config"),
                                          "--teacher", "{run20}", "--inherit", *T, "--out",
-                                         "{out}"], ["C010-ResNet56.config", "[9, 9, 9]"], "out"),
+                                         "{out}"], ["the teacher is a resnet20", "resnet56"],
+     "out"),
     ("flops-config-widths", ["flops", "{tas_short}"],
      ["short.config: not a valid TAS shape config", "19 conv slots, got 17"], None),
     ("flops-config-depth", ["flops", "{tas_depth21}"],
@@ -326,18 +328,18 @@ CASES = [
                                      *T, "--out", "{out}"], ["teacher has 3 classes"], "out"),
     ("train-teacher-other-family", ["train", "--shape", "C010-ResNet20", "--teacher", "{run18}",
                                     *T, "--out", "{out}"],
-     ["imagenet_resnet", "depths [2, 2, 2, 2]"], "out"),
+     ["the teacher is a resnet18", "the shape prunes a resnet20"], "out"),
     ("train-inherit-other-family", ["train", "--model", "resnet20", "--inherit", "--teacher",
                                     "{run18}", *T, "--out", "{out}"],
-     ["cannot inherit weights", "imagenet_resnet"], "out"),
+     ["the teacher is a resnet18", "resnet20"], "out"),
     ("search-teacher-other-family", ["search", "--model", "resnet20", "--teacher", "{run18}",
                                      "--flops-ratio", "0.5", *T, "--out", "{out}"],
-     ["--teacher", "imagenet_resnet", "tasprune train --model resnet20"], "out"),
+     ["the teacher is a resnet18", "tasprune train --model resnet20"], "out"),
     ("prune-teacher-other-classes", ["prune", "--teacher", "{run8c3}", "--out", "{out}",
                                      "--quiet"], ["run8c3 has 3 classes", "10 classes"], "out"),
     ("baseline-l1-teacher-other-depth", ["baseline", "--method", "l1", "--teacher", "{run32}",
                                          "--out", "{out}", "--quiet"],
-     ["method l1 ranks the filters of the unpruned resnet20", "run32"], "out"),
+     ["run32 is a resnet32, not a resnet20"], "out"),
     ("train-resume-other-shape", ["train", "--model", "resnet14", *S, "--resume",
                                   "--out", "{target}"],
      ["train.pt: was written for another shape"], "tr8"),
@@ -431,15 +433,10 @@ CASES = [
     ("own-model-untraceable", ["flops", "{usermodels}:dynamic"],
      ["Dynamic cannot be traced by torch.fx"], None),
     ("own-model-factory-arguments", ["flops", "{usermodels}:no_arguments"],
-     ["must accept num_classes= and in_channels="], None),
+     ["no_arguments", "must take num_classes="], None),
     ("own-model-weights-of-another-net", ["search", "--model", "tasprune.models.zoo:resnet50",
                                           "--weights", "{r18weights}", *T, "--out", "{out}"],
      ["resnet18.pth"], "out"),
-    ("own-model-search-without-weights", ["search", "--model", "tasprune.models.zoo:concat_net",
-                                          *T, "--out", "{out}"], ["give --weights FILE"], "out"),
-    ("own-model-latency-budget", ["search", "--model", "tasprune.models.zoo:concat_net",
-                                  "--weights", "{concatweights}", "--latency-ratio", "0.5", *T,
-                                  "--out", "{out}"], ["a latency budget needs"], "out"),
     # --resume with nothing to resume
     ("train-resume-nothing", ["train", "--model", "resnet8", *S, "--resume", "--out", "{out}"],
      ["has no train.pt to resume", "run without --resume"], "out"),

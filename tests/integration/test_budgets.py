@@ -1,4 +1,5 @@
-"""Parameter and latency budgets: the per-layer latency table and the budget losses."""
+"""Parameter and latency budgets: the per-layer latency table keyed on the layers of any
+plan, and the budget losses."""
 
 import itertools
 import json
@@ -7,16 +8,15 @@ import math
 import pytest
 import torch
 
-from helpers import brightness_bundle
-from tasprune import Shape, count_flops, count_params
+from helpers import brightness_bundle, network, space_of
 from tasprune._io import read_jsonl
-from tasprune.flops import DepthDist, WidthDist, expected_params
-from tasprune.latency_table import LatencyTable
+from tasprune.commands.run import _prune_flags, budget_alone
+from tasprune.latency_table import LatencyTable, operation
+from tasprune.tas.budgets import latency_budget
 from tasprune.tas.cost import (
     band_floor,
     expected_cost,
     flops_budget,
-    latency_budget,
     normalized_cost,
     params_budget,
     supernet_budget_loss,
@@ -38,8 +38,8 @@ class FakeTimer:
 
     def __call__(self, op, cin, cout, batch, device) -> float:
         self.calls += 1
-        roles = {"stem": 5, "conv": 1, "conv_add": 2, "shortcut": 3, "fc": 7}
-        return roles[op[0]] + 0.01 * cin * cout + 0.001 * cin + 0.1 * len(op)
+        kinds = {"conv": 1, "dwconv": 2, "linear": 7, "bn": 3}
+        return kinds[op[0]] + 0.01 * cin * cout + 0.001 * cin + 0.1 * len(op)
 
 
 def _table(tmp_path=None) -> LatencyTable:
@@ -48,64 +48,83 @@ def _table(tmp_path=None) -> LatencyTable:
 
 
 def test_prediction_is_the_sum_of_the_layers_times():
-    shape = Shape.full("resnet8", resolution=8)
+    shape = space_of("resnet8", 10, 3, 8).full
     table = _table()
     timer = table.timer
     got = table.predict(shape)
-    # resnet8: stem, 3 blocks of two convs, 2 strided shortcuts, the classifier
-    expect = (timer(("stem", 3, 1, 8, False), 3, 16, 0, 0)
-              + timer(("conv", 3, 1, 8), 16, 16, 0, 0) + timer(("conv_add", 3, 1, 8), 16, 16, 0, 0)
-              + timer(("conv", 3, 2, 8), 16, 32, 0, 0) + timer(("conv_add", 3, 1, 4), 32, 32, 0, 0)
-              + timer(("shortcut", 2, 8, False), 16, 32, 0, 0)
-              + timer(("conv", 3, 2, 4), 32, 64, 0, 0) + timer(("conv_add", 3, 1, 2), 64, 64, 0, 0)
-              + timer(("shortcut", 2, 4, False), 32, 64, 0, 0) + timer(("fc", 2), 64, 10, 0, 0))
+    # every conv (with its BatchNorm) and the classifier, at their widths; BatchNorms
+    # that follow a conv are timed with it
+    expect = 0.0
+    for layer in shape.plan.layers:
+        op = operation(layer)
+        if op is None or not shape.active(layer):
+            continue
+        assert layer.kind != "bn"
+        cin = sum(shape.read_width(layer, i) for i in range(len(layer.reads)))
+        cout = cin if layer.writes is None else shape.group_widths()[layer.writes]
+        expect += timer(op, cin, cout, 0, 0)
+    # stem, three blocks of two convs and a (free, here absent) projection each, the classifier
+    assert len([layer for layer in shape.plan.layers if operation(layer)]) == 11
     assert got == pytest.approx(expect)
 
 
-@pytest.mark.parametrize("coupled", [False, True])
-def test_expected_latency_is_the_mean_over_enumerated_shapes(coupled):
-    """Independent (or tied) widths and depths: E[latency] = sum over shapes of P * latency,
-    stride-1 projections counted only where the widths differ."""
-    base = Shape.full("cifar-resnet14", resolution=8)
-    space = SearchSpace.from_shape(base, ratios=(0.5, 1.0), coupled=coupled)
+@pytest.mark.parametrize("free", [True, False])
+def test_expected_latency_is_the_mean_over_enumerated_shapes(free):
+    """Independent widths and depths: E[latency] = sum over shapes of P * latency,
+    stride-1 projections counted only where the widths differ, a stage's output read at
+    the width of the last block it keeps."""
+    space = space_of("cifar-resnet14", 10, 3, 8, free=free, ratios=(0.5, 1.0))
     table = _table()
     gen = torch.Generator().manual_seed(3)
-    wl = torch.randn(space.num_slots, 2, generator=gen, dtype=torch.float64)
+    wl = torch.randn(space.num_groups, 2, generator=gen, dtype=torch.float64)
     dl = torch.randn(space.num_stages, 2, generator=gen, dtype=torch.float64)
     wm, dm = torch.ones_like(wl, dtype=torch.bool), torch.ones_like(dl, dtype=torch.bool)
     wp, dp = masked_softmax(wl, wm), masked_softmax(dl, dm)
-    reps = sorted(set(space.ties))
-    free = [0, 1, 2, 5] if not coupled else reps[:4]  # the rest at index 1 (full width)
+    searched = [0, 1, 2, 4, 5]  # the rest at index 1 (full width)
     mean = 0.0
-    for picks in itertools.product(range(2), repeat=len(free)):
-        wi = [1] * space.num_slots
-        for slot, pick in zip(free, picks, strict=True):
-            wi[slot] = pick
+    for picks in itertools.product(range(2), repeat=len(searched)):
+        wi = [1] * space.num_groups
+        for g, pick in zip(searched, picks, strict=True):
+            wi[g] = pick
         for di in itertools.product(range(2), repeat=space.num_stages):
-            prob = math.prod(float(wp[s, wi[s]]) for s in free)
+            prob = math.prod(float(wp[g, wi[g]]) for g in searched)
             prob *= math.prod(float(dp[s, d]) for s, d in enumerate(di))
             mean += prob * table.predict(space.shape(wi, list(di)))
-    # slots outside `free` one-hot on their full width
-    wl2 = wl.clone()
-    for s in range(space.num_slots):
-        if s not in free:
-            wl2[s] = torch.tensor([-1e4, 1e4], dtype=torch.float64)
+    wl2 = wl.clone()  # groups outside `searched` one-hot on their full width
+    for g in range(space.num_groups):
+        if g not in searched:
+            wl2[g] = torch.tensor([-1e4, 1e4], dtype=torch.float64)
     got = expected_cost(space, wl2, dl, wm, dm, table.expected).item()
     assert got == pytest.approx(mean, rel=1e-9)
 
 
-def test_expected_params_at_one_hot_is_the_exact_count():
-    shape = Shape.full("resnet20").replace(widths=tuple(
-        max(1, w // 2) if i % 3 else w for i, w in enumerate(Shape.full("resnet20").widths)))
-    widths = [WidthDist(torch.tensor([float(w), float(f)], dtype=torch.float64),
-                        torch.tensor([1.0, 0.0], dtype=torch.float64))
-              for w, f in zip(shape.widths, shape.full_widths, strict=True)]
-    depths = [DepthDist((d,), torch.ones(1, dtype=torch.float64)) for d in shape.blocks]
-    assert expected_params(shape.skeleton, widths, depths).item() == count_params(shape)
+@pytest.mark.parametrize("name", ["mobilenet_v2", "concat_net"])
+def test_expected_latency_of_zoo_networks_at_one_hot_is_the_prediction(name):
+    """Depthwise convs (one width in, the same out) and concatenations (the input width
+    is a sum) price like the exact prediction at one-hot logits."""
+    space = space_of(name, 10, 3, 16, free=False)
+    table = _table()
+    gen = torch.Generator().manual_seed(5)
+    wi = [int(torch.randint(len(c), (1,), generator=gen)) for c in space.widths]
+    di = [len(d) - 1 for d in space.depths]
+    wl = torch.full((space.num_groups, max(map(len, space.widths))), -1e4,
+                    dtype=torch.float64)
+    wl[torch.arange(len(wi)), torch.tensor(wi)] = 1e4
+    dl = torch.full((space.num_stages, max(map(len, space.depths), default=1)), -1e4,
+                    dtype=torch.float64)
+    dl[torch.arange(len(di)), torch.tensor(di, dtype=torch.long)] = 1e4
+    wm = torch.zeros_like(wl, dtype=torch.bool)
+    for g, c in enumerate(space.widths):
+        wm[g, : len(c)] = True
+    dm = torch.zeros_like(dl, dtype=torch.bool)
+    for s, c in enumerate(space.depths):
+        dm[s, : len(c)] = True
+    got = expected_cost(space, wl, dl, wm, dm, table.expected).item()
+    assert got == pytest.approx(table.predict(space.shape(wi, di)), rel=1e-9)
 
 
 def test_the_table_is_cached_on_disk_and_a_damaged_cache_is_timed_again(tmp_path):
-    space = SearchSpace.from_shape(Shape.full("resnet8", resolution=8))
+    space = space_of("resnet8", 10, 3, 8)
     table = _table(tmp_path)
     keys = table.keys_of_space(space)
     assert table.fill(keys) == len(keys) == table.timer.calls
@@ -114,6 +133,13 @@ def test_the_table_is_cached_on_disk_and_a_damaged_cache_is_timed_again(tmp_path
     assert again.predict(space.full) == table.predict(space.full)
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["batch"] == 64 and data["threads"] == 1 and len(data["entries"]) == len(keys)
+    # entries that cannot be times are dropped when read, and timed again
+    key = next(iter(data["entries"]))
+    for bad in ("NaN", 0.0, -1.0):
+        data["entries"][key] = float(bad)
+        (tmp_path / "t.json").write_text(json.dumps(data))
+        damaged = _table(tmp_path)
+        assert damaged.dropped == 1 and damaged.fill(keys) == 1
     (tmp_path / "t.json").write_text("{not json")
     damaged = _table(tmp_path)
     assert damaged.fill(keys) == len(keys)
@@ -123,8 +149,9 @@ def test_the_table_is_cached_on_disk_and_a_damaged_cache_is_timed_again(tmp_path
 
 
 def test_budget_losses_add_up_and_the_most_violated_sets_the_direction():
-    space = SearchSpace.from_shape(Shape.full("resnet14", resolution=8))
-    net = SuperNet(space)
+    model, plan = network("resnet14", 10, 3, 8)
+    space = SearchSpace.from_plan(plan)
+    net = SuperNet(space, model)
     full = space.full
     budgets = [flops_budget(full, 0.9), params_budget(full, 0.2),
                latency_budget(full, 0.9, _table())]
@@ -138,26 +165,27 @@ def test_budget_losses_add_up_and_the_most_violated_sets_the_direction():
 
 @pytest.mark.parametrize("ratios", [(0.5, None), (None, 0.5), (0.6, 0.4), (0.35, 0.7)])
 def test_derive_meets_every_budget(ratios):
-    space = SearchSpace.from_shape(Shape.full("resnet20", resolution=8), coupled=True)
+    model, plan = network("resnet20", 10, 3, 8, free=False)
+    space = SearchSpace.from_plan(plan)
     full = space.full
     budgets = []
     if ratios[0] is not None:
         budgets.append(params_budget(full, ratios[0]))
     if ratios[1] is not None:
         budgets.append(latency_budget(full, ratios[1], _table()))
-    net = SuperNet(space)
+    net = SuperNet(space, model)
     gen = torch.Generator().manual_seed(4)
     for scale in (0.1, 3.0):
         with torch.no_grad():
             net.width_logits.copy_(torch.randn(net.width_logits.shape, generator=gen) * scale)
             net.depth_logits.copy_(torch.randn(net.depth_logits.shape, generator=gen) * scale)
         floor = band_floor(budgets, 0.05)
-        d = derive_in_band(space, net.slot_width_logits(), net.depth_logits, net.width_mask,
+        d = derive_in_band(space, net.width_logits, net.depth_logits, net.width_mask,
                            net.depth_mask, 1.0, 0.05, fill=True,
                            cost=(normalized_cost(budgets), 1.0, floor))
         worst = max(b.exact(d.shape) / b.target for b in budgets)
         assert floor <= worst <= 1.0
-        assert d.flops == count_flops(d.shape)
+        assert d.flops == d.shape.count("flops")
 
 
 def test_config_budgets_are_validated():
@@ -174,14 +202,14 @@ def test_config_budgets_are_validated():
     assert SearchConfig(flops_ratio=None, params_ratio=0.5).params_ratio == 0.5
 
 
-def test_a_search_under_a_params_and_a_latency_budget(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["resnet8", "tv_resnet18"])
+def test_a_search_under_a_params_and_a_latency_budget(tmp_path, monkeypatch, name):
     monkeypatch.setenv("TASPRUNE_CACHE", str(tmp_path / "cache"))
     # at 8x8 pixels and batch 2 the smallest shape still takes ~0.8 of the dense time
     cfg = SearchConfig(flops_ratio=None, params_ratio=0.6, latency_ratio=0.95,
                        latency_batch_sizes=(2,), epochs=2, batch_size=16, device="cpu",
                        health_images=0)
-    full = Shape.full("resnet8", num_classes=4, resolution=8)
-    result = search(full, brightness_bundle(96), cfg, tmp_path / "run", quiet=True)
+    result = search(name, brightness_bundle(96), cfg, tmp_path / "run", quiet=True)
     assert set(result.budgets) == {"params", "latency@2"}
     for got, want in result.budgets.values():
         assert got <= want + 1e-9
@@ -191,13 +219,13 @@ def test_a_search_under_a_params_and_a_latency_budget(tmp_path, monkeypatch):
     assert "expected_latency@2_ratio" in records[0] and "params_ratio" in records[0]
     assert records[-1]["budgets"]["params"]["target"] == 0.6
     with pytest.raises(ValueError, match="params ratio 0.01 cannot be reached"):
-        search(full, brightness_bundle(96), SearchConfig(
+        search(name, brightness_bundle(96), SearchConfig(
             flops_ratio=None, params_ratio=0.01, epochs=1, batch_size=16, device="cpu"),
                tmp_path / "never", quiet=True)
 
 
 def test_budget_flags_reach_the_config(tmp_path):
-    from tasprune.cli import _budget_alone, _prune_flags, build_parser
+    from tasprune.cli import build_parser
     from tasprune.flags import config_values
     from tasprune.pipeline import load_prune_config
 
@@ -213,18 +241,20 @@ def test_budget_flags_reach_the_config(tmp_path):
                                       "--flops-ratio", "0.4", "--no-couple-residual"])
     config = load_prune_config(None, flags=_prune_flags(both))
     assert config.search.flops_ratio == 0.4 and config.search.couple_residual is False
-    search = ["search", "--model", "resnet20", "--data", "demo", "--epochs", "1", "--out", "x"]
-    alone = build_parser().parse_args([*search, "--params-ratio", "0.5"])
-    assert _budget_alone(config_values(alone), "") == {"epochs": 1, "params_ratio": 0.5,
-                                                       "flops_ratio": None}
-    default = build_parser().parse_args(search)
-    assert _budget_alone(config_values(default), "") == {"epochs": 1}  # SearchConfig's 0.5
+    search_args = ["search", "--model", "resnet20", "--data", "demo", "--epochs", "1", "--out",
+                   "x"]
+    alone = build_parser().parse_args([*search_args, "--params-ratio", "0.5"])
+    assert budget_alone(config_values(alone), "") == {"epochs": 1, "params_ratio": 0.5,
+                                                      "flops_ratio": None}
+    default = build_parser().parse_args(search_args)
+    assert budget_alone(config_values(default), "") == {"epochs": 1}  # SearchConfig's 0.5
 
 
 def test_a_table_checks_itself_against_the_network_and_can_forget(tmp_path):
     table = _table(tmp_path)
-    full = Shape.full("resnet8", resolution=8)
-    predicted, measured = table.check(full, passes=1)
+    model, plan = network("resnet8", 10, 3, 8)
+    full = plan.full()
+    predicted, measured = table.check(model, full, passes=1)
     assert predicted == table.predict(full) and measured > 0
     assert (tmp_path / "t.json").is_file()
     some = list(table.entries)[:3]

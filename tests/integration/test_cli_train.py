@@ -4,15 +4,17 @@ import pytest
 import torch
 
 from helpers import synthetic_bundle
-from tasprune import cli, load_pruned
+from tasprune import load_pruned
 from tasprune._io import read_jsonl
 from tasprune.cli import main
+from tasprune.commands import _common
+from tasprune.net.surgery import shape_of
 
 
 @pytest.fixture
 def synthetic_data(monkeypatch):
     data = synthetic_bundle(n_train=48, n_test=24)
-    monkeypatch.setattr(cli, "_load_data", lambda spec, quiet=True: data)
+    monkeypatch.setattr(_common, "get_data", lambda spec, quiet=True: data)
     return data
 
 
@@ -25,10 +27,10 @@ def _train(out, *extra):
 def test_train_eval_export_from_the_command_line(tmp_path, synthetic_data, capsys):
     assert _train(tmp_path / "teacher", "--model", "resnet8") == 0
     assert "test accuracy" in capsys.readouterr().out
-    assert load_pruned(tmp_path / "teacher").shape.num_classes == 3
+    assert shape_of(load_pruned(tmp_path / "teacher")).num_classes == 3
 
     # a pruned shape with KD from the teacher, weights inherited
-    shape = load_pruned(tmp_path / "teacher").shape
+    shape = shape_of(load_pruned(tmp_path / "teacher"))
     pruned = shape.replace(widths=tuple(max(1, w // 2) for w in shape.widths))
     pruned.save(tmp_path / "pruned.json")
     assert _train(tmp_path / "student", "--shape", str(tmp_path / "pruned.json"),
@@ -36,7 +38,7 @@ def test_train_eval_export_from_the_command_line(tmp_path, synthetic_data, capsy
                   "--kd-alpha", "0.5", "--kd-temperature", "2") == 0
     records = read_jsonl(tmp_path / "student/metrics.jsonl")
     assert records[0]["phase"] == "teacher" and records[-1]["kd_loss"] > 0
-    assert load_pruned(tmp_path / "student").shape == pruned
+    assert shape_of(load_pruned(tmp_path / "student")) == pruned
     capsys.readouterr()
 
     assert main(["eval", str(tmp_path / "student"), "--data", "synthetic", "--json",
@@ -73,7 +75,7 @@ def test_resume_from_the_command_line(tmp_path, synthetic_data, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "resnet8", "--kd-alpha", "0.5"], "needs --teacher"),
+    (["--model", "resnet8", "--kd-alpha", "0.5"], "needs a teacher"),
     (["--model", "resnet8", "--inherit"], "needs a teacher"),
     (["--model", "resnet8", "--teacher", "nowhere"], "no such file"),
     (["--model", "resnet999"], "unknown model"),
@@ -88,7 +90,7 @@ def test_train_errors_are_one_line(tmp_path, synthetic_data, capsys, args, messa
 
 def test_eval_rejects_a_model_for_other_data(tmp_path, synthetic_data, capsys, monkeypatch):
     assert _train(tmp_path / "run", "--model", "resnet8") == 0
-    monkeypatch.setattr(cli, "_load_data", lambda spec, quiet=True: synthetic_bundle(classes=5))
+    monkeypatch.setattr(_common, "get_data", lambda spec, quiet=True: synthetic_bundle(classes=5))
     assert main(["eval", str(tmp_path / "run"), "--data", "x", "--no-latency"]) == 2
     assert "3 classes" in capsys.readouterr().err
 

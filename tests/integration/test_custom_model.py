@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from helpers import synthetic_bundle
-from tasprune import load_pruned_model, prune_model
+from tasprune import load_model, load_pruned_model, prune_model
 from tasprune.cli import main
-from tasprune.custom import load_factory
+from tasprune.models.registry import load_factory
+from tasprune.net.surgery import shape_of
 from tasprune.settings import SearchConfig, TrainConfig
 
 USER_FILE = textwrap.dedent('''
@@ -62,21 +63,27 @@ def test_prune_a_user_file_from_the_command_line(tmp_path, capsys):
                  "--latency-batch-sizes", "1", "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "pruned by tas" in printed and "report.md" in printed
-    for name in ("model.safetensors", "shape.json", "model.onnx", "model.pt2", "report.md",
-                 "summary.json", "metrics.jsonl", "search/shape.json", "teacher/model.safetensors"):
+    assert "unpruned" in printed and "report.md" in printed
+    for name in ("model.safetensors", "shape.json", "report.md", "summary.json",
+                 "metrics.jsonl", "search.pt", "teacher/model.safetensors"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert 0.45 <= summary["flops"] / summary["full_flops"] <= 0.5
-    assert max(summary["export_max_abs_diff"].values()) < 1e-4
+    assert 0.45 <= summary["flops_pruned"] / summary["flops_full"] <= 0.5
+    assert summary["shape"]["model"]["name"] == f"{src}:small_net"
     report = (out / "report.md").read_text()
-    assert "| stem.0 | 16 |" in report and "| stage.0..1 | 2 |" in report
-    model = load_pruned_model(out, f"{src}:small_net")
+    assert "| stem.0 | 16 |" in report and "| stage.1 | 2 |" in report
+    # the shape names its factory: loading, evaluating and exporting need nothing else
+    model = load_model(out)
+    assert shape_of(model).count("params") == summary["params_pruned"]
+    assert sum(p.numel() for p in model.parameters()) == summary["params_pruned"]
+    assert main(["eval", str(out), "--data", "demo", "--no-latency", "--json",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(summary["acc_pruned"])
+    assert main(["export", str(out), "--format", "pt2"]) == 0
     x = torch.rand(2, 1, 28, 28)
     program = torch.export.load(str(out / "model.pt2")).module()
     with torch.no_grad():
         assert torch.allclose(program(x), model(x), atol=1e-4)
-    assert sum(p.numel() for p in model.parameters()) == summary["params"]
 
 
 @pytest.mark.slow
@@ -91,6 +98,9 @@ def test_prune_model_from_python(tmp_path):
                                  out_dir=tmp_path / "mine", quiet=True)
     assert result.flops <= 0.6 * result.full_flops
     assert result.acc is not None and 0 <= result.acc <= 1
+    assert (tmp_path / "mine" / "train.pt").is_file()  # fine-tuned with checkpoints
+    with pytest.raises(ValueError, match="pass its factory"):
+        load_model(tmp_path / "mine")  # given as a module: the shape names no factory
     again = load_pruned_model(tmp_path / "mine", factory)
     x = torch.rand(3, 1, 16, 16)
     with torch.no_grad():
@@ -124,7 +134,7 @@ def test_search_and_train_phase_by_phase_and_resume(tmp_path, capsys):
     assert main(["train", "--model", spec, "--weights", str(weights), "--shape",
                  str(tmp_path / "s" / "shape.json"), "--data", "demo", "--epochs", "1",
                  "--quiet", "--out", str(tmp_path / "p")]) == 0
-    model = load_pruned_model(tmp_path / "p", spec)
+    model = load_model(tmp_path / "p")
     assert sum(p.numel() for p in model.parameters()) < sum(
         p.numel() for p in load_factory(spec)(num_classes=10, in_channels=1).parameters())
     assert "test accuracy" in capsys.readouterr().out
@@ -145,7 +155,7 @@ def test_a_rerun_of_prune_takes_the_teacher_and_the_search_it_made(tmp_path, cap
     assert (tmp_path / "run" / "teacher" / "model.safetensors").read_bytes() == teacher
     assert (tmp_path / "run" / "shape.json").read_text() == shape
     metrics = (tmp_path / "run" / "teacher" / "metrics.jsonl").read_text()
-    assert metrics.count('"phase": "teacher"') == 1  # trained once (1 epoch)
+    assert metrics.count('"phase": "train"') == 1  # trained once (1 epoch)
     assert (tmp_path / "run" / "config.yaml").is_file()  # a prune run, which a rerun continues
     capsys.readouterr()
     other = [("0.4" if a == "0.5" else a) for a in argv]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasprune import Shape, build_model, paper_shape
+from tasprune import Shape, build_model, create_model, paper_shape
 from tasprune.deploy import OnnxRuntimeTarget, fold_batchnorm, onnxruntime_missing
 from tasprune.export import export_onnx
 from tasprune.latency import LatencyConfig, paired_latency
@@ -58,7 +58,7 @@ def test_folded_model_matches_the_unfolded_one(name, one_thread):
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert sum(m.bias is not None for m in folded.modules() if isinstance(m, nn.Conv2d)) == n_bn
     assert not folded.training and not any(p.requires_grad for p in folded.parameters())
-    assert folded.shape == shape
+    assert folded.tasprune_shape == model.tasprune_shape
     x = torch.randn(2, shape.in_channels, shape.resolution, shape.resolution,
                     generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -96,10 +96,23 @@ def test_cifar_strided_shortcut_without_bn_is_kept():
         assert torch.allclose(folded(x), model(x), atol=1e-5)
 
 
-def test_an_unfoldable_batchnorm_is_an_error():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4))
-    with pytest.raises(ValueError, match="no conv to fold BatchNorm '2' into"):
-        fold_batchnorm(model)
+def test_a_batchnorm_after_no_conv_stays_and_zoo_networks_fold():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    folded = fold_batchnorm(model)
+    assert isinstance(folded[2], nn.BatchNorm2d)
+    assert torch.equal(folded[0].weight, model[0].weight)
+    for name in ("mobilenet_v2", "efficientnet_b0", "densenet121"):
+        torch.manual_seed(0)
+        net = create_model(name, num_classes=5, in_channels=3, resolution=16).eval()
+        folded = fold_batchnorm(net)
+        left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        # DenseNet normalises concatenations before its convs (58 dense layers, 3
+        # transitions and norm5): those stay; every BN after a conv folds
+        assert left == (62 if name == "densenet121" else 0)
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            want = net(x)
+            assert torch.allclose(folded(x), want, atol=1e-4 * float(want.abs().max()))
 
 
 @pytest.mark.skipif(not HAS_ORT, reason="needs onnx, onnxscript and onnxruntime")

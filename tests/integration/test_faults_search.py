@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import brightness_bundle
+from helpers import brightness_bundle, supernet_from
 from tasprune import Shape
 from tasprune._io import read_jsonl
 from tasprune.checkpoint import (
@@ -29,10 +29,10 @@ from tasprune.checkpoint import (
 )
 from tasprune.cli import main
 from tasprune.data.source import DataBundle
+from tasprune.export import read_shape
 from tasprune.faults import Interrupted, NonFiniteLoss
 from tasprune.tas import searcher
 from tasprune.tas.searcher import SearchConfig, search
-from tasprune.tas.space import SearchSpace
 from tasprune.tas.supernet import SuperNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +60,7 @@ def _strip(records: list[dict]) -> list[dict]:
 def assert_same_run(a: Path, b: Path) -> None:
     """Two finished run directories hold the same search."""
     assert _strip(read_jsonl(a / "metrics.jsonl")) == _strip(read_jsonl(b / "metrics.jsonl"))
-    assert Shape.load(a / "shape.json") == Shape.load(b / "shape.json")
+    assert read_shape(a / "shape.json") == read_shape(b / "shape.json")
     sa, sb = load_checkpoint(a / "search.pt"), load_checkpoint(b / "search.pt")
     assert sa["epoch"] == sb["epoch"] and sa["step"] == sb["step"] == 0
     for key in sa["supernet"]:
@@ -268,7 +268,7 @@ def _nan_on_forward(monkeypatch, n: int) -> None:
 @pytest.mark.parametrize("which", ["weight", "arch"])
 def test_the_guard_runs_before_each_optimiser_step(monkeypatch, which):
     torch.manual_seed(0)
-    net = SuperNet(SearchSpace.from_shape(FULL))
+    net = supernet_from(FULL)
     cfg = _config()
     w_opt = torch.optim.SGD(net.weight_parameters(), lr=0.1)
     a_opt = torch.optim.Adam(net.arch_parameters(), lr=0.1)

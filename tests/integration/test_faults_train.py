@@ -17,10 +17,10 @@ import torch
 
 from helpers import synthetic_bundle
 from tasprune import Shape, load_pruned
-from tasprune import cli as cli_module
 from tasprune._io import read_jsonl
 from tasprune.checkpoint import CheckpointError, load_checkpoint, previous_path
 from tasprune.cli import main
+from tasprune.commands import _common
 from tasprune.faults import Interrupted, NonFiniteLoss
 from tasprune.training import loop as loop_module
 from tasprune.training.trainer import TrainConfig, train
@@ -189,7 +189,7 @@ def test_a_diverging_loss_stops_before_the_step_and_keeps_the_last_good_checkpoi
 
 def test_the_cli_reports_a_diverging_loss_on_one_line(tmp_path, monkeypatch, capsys):
     data = _data()
-    monkeypatch.setattr(cli_module, "_load_data", lambda spec, quiet=True: data)
+    monkeypatch.setattr(_common, "get_data", lambda spec, quiet=True: data)
     code = main(["train", "--model", "resnet8", "--data", "synthetic", "--epochs", "2",
                  "--batch-size", "16", "--lr", "1e6", "--out", str(tmp_path), "--quiet"])
     err = capsys.readouterr().err

@@ -12,11 +12,12 @@ import torch
 
 from helpers import example_input as _x
 from helpers import pruned_model as _model
+from helpers import supernet_from
 from tasprune import Shape, from_pretrained, load_data, save_pretrained
 from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.export import export_pt2
-from tasprune.models import ResNet
+from tasprune.net.surgery import shape_of
 from tasprune.tas.searcher import SearchConfig, search
 from tasprune.tracking import check_sinks, log_record, parse_sinks, tensorboard_dir
 
@@ -127,16 +128,16 @@ def test_save_pretrained_round_trip_and_card(tmp_path):
     summary = {"model": "resnet8", "data": "demo", "method": "tas", "acc_full": 0.8,
                "acc_pruned": 0.75, "flops_full": 100, "flops_pruned": 50,
                "flops_ratio_target": 0.5, "params_full": 10, "params_pruned": 5}
-    out = model.save_pretrained(tmp_path / "hub", summary=summary,
-                                settings={"search": {"epochs": 3}, "secret": 1})
+    out = save_pretrained(model, tmp_path / "hub", summary=summary,
+                          settings={"search": {"epochs": 3}, "secret": 1})
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json",
                                                      "model.safetensors", "shape.json"]
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: tasprune")
     assert "top-1 accuracy (test)" in card and "epochs: 3" in card and "secret" not in card
     config = json.loads((out / "config.json").read_text())
-    assert config["flops"] > 0 and Shape.from_dict(config["shape"]) == model.shape
-    for loaded in (from_pretrained(out), ResNet.from_pretrained(str(out))):
+    assert config["flops"] > 0 and config["shape"] == shape_of(model).to_dict()
+    for loaded in (from_pretrained(out), from_pretrained(str(out))):
         with torch.no_grad():
             assert (loaded(_x()) - model(_x())).abs().max() < 1e-5
     with pytest.raises(FileNotFoundError, match="nor a Hub repository id"):
@@ -192,11 +193,8 @@ def test_search_in_bf16_on_cpu_runs_and_fp16_needs_cuda(tmp_path, demo_subset, o
 
 
 def test_supernet_bn_stays_float32_under_autocast():
-    from tasprune.tas.space import SearchSpace
-    from tasprune.tas.supernet import SuperNet
-
     full = Shape.full("resnet8", num_classes=4, in_channels=1, resolution=12)
-    net = SuperNet(SearchSpace.from_shape(full), torch.Generator().manual_seed(0)).train()
+    net = supernet_from(full).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(_x(4), net.sample(1.0, 2, torch.Generator().manual_seed(1)))
     out.float().sum().backward()

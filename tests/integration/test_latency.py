@@ -3,6 +3,7 @@ import statistics
 import pytest
 import torch
 
+from helpers import network
 from tasprune import create_model
 from tasprune.latency import LatencyConfig, Spread, measure_latency, paired_latency
 
@@ -143,12 +144,12 @@ def test_paired_torch_models_and_single_model_agree_in_form():
 
 
 def test_the_summary_times_in_a_fresh_process():
-    from tasprune import Shape, build_model
+    from tasprune import build_model
     from tasprune.baselines import uniform_shape
     from tasprune.evaluation import isolated_latency_report
     from tasprune.latency import LatencyConfig
 
-    full = Shape.full("resnet8", num_classes=4, resolution=8)
+    full = network("resnet8", 4, 3, 8)[1].full()
     dense, pruned = build_model(full), build_model(uniform_shape(full, 0.5))
     config = LatencyConfig(batch_sizes=(1,), warmup=0, repeats=1, min_repeats=1, rounds=1,
                            threads=1, deploy=False)

@@ -10,8 +10,8 @@ from tasprune import count_flops, load_pruned
 from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.config import ConfigError
+from tasprune.models.shape import Shape
 from tasprune.pipeline import RECIPES_DIR, load_prune_config, recipe_names
-from tasprune.shape import Shape
 
 
 def test_every_paper_recipe_budgets_the_flops_of_the_published_shape():
@@ -71,7 +71,7 @@ def test_prune_end_to_end_then_rerun_skips(tmp_path, capsys):
         assert (out / name).is_file(), name
     model = load_pruned(out)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["flops_pruned"] == count_flops(model.shape)
+    assert summary["flops_pruned"] == count_flops(model)
     assert summary["flops_full"] > summary["flops_pruned"]
     assert 0 <= summary["acc_pruned"] <= 1 and set(summary["latency_ms"]["pruned"]) == {"1", "64"}
     lat = summary["latency"]  # one paired measurement: teacher, pruned, folded (PyTorch, ORT)

@@ -5,12 +5,13 @@ import json
 import pytest
 import yaml
 
-from helpers import TINY
-from tasprune import Shape, build_model, count_flops, load_pruned
+from helpers import TINY, network
+from tasprune import count_flops, load_pruned
 from tasprune._io import read_jsonl
 from tasprune.cli import main
 from tasprune.config import ConfigError
 from tasprune.pipeline import baseline_shape, load_prune_config
+from tasprune.tas.space import SearchSpace
 
 
 def test_method_is_validated_and_l1_implies_inheritance():
@@ -25,16 +26,16 @@ def test_method_is_validated_and_l1_implies_inheritance():
 
 
 def test_baseline_shapes_meet_the_budget():
-    full = Shape.full("resnet20", num_classes=10, in_channels=1, resolution=28)
-    teacher = build_model(full)
+    teacher, plan = network("resnet20", 10, 1, 28)
+    space = SearchSpace.from_plan(plan)
+    full = space.full
     for method in ("uniform", "l1", "random"):
-        config = load_prune_config(None, (f"method={method}", "search.flops_ratio=0.4",
-                                          "random_samples=100"))
-        shape = baseline_shape(config, full, teacher)
+        config = load_prune_config(None, (f"method={method}", "search.flops_ratio=0.4"))
+        shape = baseline_shape(method, config.search, space, teacher, samples=100)
         assert 0.3 * count_flops(full) < count_flops(shape) <= 0.4 * count_flops(full), method
-    other = build_model(Shape.full("resnet8", num_classes=10, in_channels=1, resolution=28))
-    with pytest.raises(ValueError, match="l1 ranks the filters of the unpruned resnet20"):
-        baseline_shape(load_prune_config(None, ("method=l1",)), full, other)
+    other, _ = network("resnet8", 10, 1, 28)
+    with pytest.raises(ValueError, match="not the unpruned network of this shape"):
+        baseline_shape("l1", config.search, space, other)
 
 
 @pytest.mark.slow
@@ -56,7 +57,7 @@ def test_baseline_l1_end_to_end_then_rerun_skips(tmp_path, capsys, one_thread):
     summary = json.loads((out / "summary.json").read_text())
     model = load_pruned(out)
     assert summary["method"] == "l1" and summary["kd"] is True
-    assert summary["flops_pruned"] == count_flops(model.shape) == derive[0]["flops"]
+    assert summary["flops_pruned"] == count_flops(model) == derive[0]["flops"]
     assert "l1 baseline (no search)" in (out / "report.md").read_text()
 
     stamps = {p: p.stat().st_mtime_ns for p in (out / "shape.json", out / "train.pt")}

@@ -3,17 +3,16 @@ import math
 import pytest
 import torch
 
-from helpers import brightness_bundle
+from helpers import brightness_bundle, space_from, supernet_from
 from tasprune import Shape, count_flops
 from tasprune._io import read_jsonl
 from tasprune.checkpoint import load_checkpoint
 from tasprune.data.source import DataBundle
+from tasprune.export import read_shape
 from tasprune.tas import searcher
 from tasprune.tas.budgets import check_budget
 from tasprune.tas.cost import flop_loss, supernet_expected_flops, supernet_flop_loss
 from tasprune.tas.searcher import SearchConfig, search
-from tasprune.tas.space import SearchSpace
-from tasprune.tas.supernet import SuperNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +47,7 @@ def test_flop_loss_sign_and_zero_band():
 
 
 def test_expected_flops_follow_the_logits():
-    net = SuperNet(SearchSpace.from_shape(_full("resnet14")))
+    net = supernet_from(_full("resnet14"))
     full = count_flops(net.space.full)
     start = supernet_expected_flops(net).item()
     assert count_flops(net.space.smallest()) < start < full
@@ -66,7 +65,7 @@ def test_expected_flops_follow_the_logits():
 
 
 def test_impossible_budgets_are_refused_with_the_smallest_ratio():
-    space = SearchSpace.from_shape(_full())
+    space = space_from(_full())
     low = space.min_flops_ratio()
     for ratio in (0.0, -0.5, 1.5, low / 2):
         with pytest.raises(ValueError, match="smallest shape") as err:
@@ -96,7 +95,7 @@ def test_config_validation_messages():
 
 def test_search_writes_its_run_directory(tmp_path):
     result = search(_full("resnet14"), _data(), _config(epochs=3), tmp_path, quiet=True)
-    assert Shape.load(tmp_path / "shape.json") == result.shape
+    assert read_shape(tmp_path / "shape.json") == result.shape
     assert result.flops == count_flops(result.shape)
     records = read_jsonl(tmp_path / "metrics.jsonl")
     search_lines = [r for r in records if r["phase"] == "search"]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasprune import Shape, count_flops
+from helpers import space_of
+from tasprune import count_flops
 from tasprune._io import read_jsonl
 from tasprune.baselines import uniform_shape
 from tasprune.latency import LatencyConfig
@@ -29,7 +30,7 @@ def test_latency_selects_paper_shapes_and_compares(one_thread):
         "C100-ResNet20", "ImageNet-ResNet18V1"]
     with pytest.raises(SystemExit, match="no published shape matches"):
         latency.select_paper(["C20"])
-    full = Shape.full("resnet8", resolution=8)
+    full = space_of("resnet8", 10, 3, 8).full
     pruned = uniform_shape(full, 0.5)
     record = latency.compare("r8", pruned, "cpu", LatencyConfig(
         batch_sizes=(1, 2), warmup=0, repeats=1, min_repeats=1, rounds=2, threads=1))
@@ -116,7 +117,7 @@ def test_search_health_reads_a_demo_run(tmp_path):
 
 def test_shape_speed_measures_efficiency(one_thread):
     shape_speed = _script("shape_speed")
-    pruned = uniform_shape(Shape.full("resnet8", resolution=8), 0.5)
+    pruned = uniform_shape(space_of("resnet8", 10, 3, 8).full, 0.5)
     record = shape_speed.measure(pruned, LatencyConfig(batch_sizes=(1,), warmup=0, repeats=1,
                                                        min_repeats=1, rounds=1, threads=1))
     assert record["ideal"] == pytest.approx(1 / record["flops_ratio"])

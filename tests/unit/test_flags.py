@@ -7,7 +7,8 @@ import typing
 
 import pytest
 
-from tasprune.cli import _prune_flags, build_parser, main
+from tasprune.cli import build_parser, main
+from tasprune.commands.run import _prune_flags
 from tasprune.flags import config_values, flag_name
 from tasprune.pipeline import load_prune_config
 from tasprune.settings import PruneConfig, SearchConfig, TrainConfig

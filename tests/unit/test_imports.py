@@ -1,4 +1,6 @@
-"""The package has no import cycle: no module needs, while it loads, a module that needs it."""
+"""The package has no import cycle: no module needs, while it loads or runs, a module that
+needs it. Imports inside functions would hide one: only the command line imports lazily
+(to start fast), nothing else."""
 
 import ast
 import pkgutil
@@ -17,12 +19,26 @@ def _modules() -> dict[str, Path]:
     return found
 
 
+LAZY = ("tasprune.cli", "tasprune.commands")  # the command line may import in functions
+
+
+def _imports(path: Path, inside_functions: bool) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements of a module, those inside a function or the others."""
+    tree = ast.parse(path.read_text())
+    kinds = (ast.Import, ast.ImportFrom)
+    in_functions = {id(n) for f in ast.walk(tree)
+                    if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for n in ast.walk(f) if isinstance(n, kinds)}
+    return [n for n in ast.walk(tree)
+            if isinstance(n, kinds) and (id(n) in in_functions) == inside_functions]
+
+
 def _loads(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The tasprune modules that loading `name` loads first: its module-level imports (not
-    those inside functions) and the packages above them."""
+    """The tasprune modules `name` imports, at module level or inside a function, and the
+    packages above them."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in [*_imports(path, False), *_imports(path, True)]:
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -69,6 +85,18 @@ def test_no_module_level_import_cycle():
     assert "tasprune.settings" in graph["tasprune.tas.searcher"]
     cycle = _cycle(graph)
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_only_the_command_line_imports_inside_functions():
+    lazy = []
+    for name, path in _modules().items():
+        if name.startswith(LAZY):
+            continue
+        for node in _imports(path, inside_functions=True):
+            module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+            if (module or "").startswith("tasprune") or getattr(node, "level", 0):
+                lazy.append(f"{name}: {module}")
+    assert not lazy, lazy
 
 
 def test_the_cycle_finder_finds_one():

@@ -47,10 +47,13 @@ def test_pruned_model_uses_shape_widths_and_projections():
     assert build_model(same).layer1[0].downsample is None
 
 
-def test_dropped_blocks_are_not_built():
+def test_dropped_blocks_are_identities_without_weights():
     shape = Shape.full("resnet20").replace(blocks=(1, 2, 3))
     model = build_model(shape)
-    assert [len(s) for s in model.stage_modules()] == [1, 2, 3]
+    kept = [sum(not isinstance(b, torch.nn.Identity) for b in s) for s in model.stage_modules()]
+    assert kept == [1, 2, 3]
+    assert not any(k.startswith(("layer1.1.", "layer1.2.", "layer2.2.")) for k in
+                   model.state_dict())  # the keys of the blocks kept only, as always
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 

@@ -7,7 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from tasprune.commands._common import UserError, fmt_count, get_data
+from tasprune.commands import _common
+from tasprune.commands._common import UserError, fmt_count
 from tasprune.data import DATA_SPEC_HELP
 
 
@@ -52,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     device = resolve_device(args.device)
-    data = get_data(args.data, args.quiet)
+    data = _common.get_data(args.data, args.quiet)
     model = load_model(args.path, device=device, factory=args.model)
     config = LatencyConfig(threads=args.threads, deploy=not args.no_deploy)
     out = {"path": args.path, "data": args.data,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tasprune.commands import _common
 from tasprune.commands._common import (
     MODEL_HELP,
     TEACHER_HELP,
@@ -11,7 +12,6 @@ from tasprune.commands._common import (
     check_out_dir,
     check_resume,
     fmt_count,
-    get_data,
 )
 from tasprune.commands.run import budget_alone
 from tasprune.config import load_config
@@ -64,7 +64,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.resume:
         check_resume(args.out, SEARCH_CHECKPOINT)
     config = load_config(SearchConfig, flags=budget_alone(config_values(args), ""))
-    data = get_data(args.data, args.quiet)
+    data = _common.get_data(args.data, args.quiet)
     result = search(args.model, data, config, args.out, teacher=args.teacher,
                     resume=args.resume, quiet=args.quiet, weights=args.weights)
     if env_rank():

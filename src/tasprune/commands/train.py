@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tasprune.commands import _common
 from tasprune.commands._common import (
     MODEL_HELP,
     TEACHER_HELP,
@@ -13,7 +14,6 @@ from tasprune.commands._common import (
     check_out_dir,
     check_resume,
     fmt_count,
-    get_data,
 )
 from tasprune.config import load_config
 from tasprune.data import DATA_SPEC_HELP
@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         "teacher (--teacher PATH, or --model and --weights with --shape)")
     _check_out(args.out, args.resume)
     config = load_config(TrainConfig, flags=config_values(args))
-    data = get_data(args.data, config.quiet)
+    data = _common.get_data(args.data, config.quiet)
     if args.shape is None:
         result = train(args.model, data, config, args.out, teacher=args.teacher,
                        resume=args.resume, weights=args.weights)

@@ -1,4 +1,5 @@
-"""Test and benchmark models: ResNet-18/50, ResNeXt-50 32x4d, RegNetX/Y-400MF,
+"""Test and benchmark models: ResNet-18/50, ResNeXt-50 32x4d (and a small ResNeXt for fast
+tests), RegNetX/Y-400MF,
 EfficientNet-B0, DenseNet-121, ShuffleNetV2 x1.0, MobileNetV2, a VGG-11 with BN and a small
 net that concatenates channels.
 
@@ -62,6 +63,7 @@ __all__ = [
     "resnet18",
     "resnet50",
     "resnext50_32x4d",
+    "resnext_small",
     "shufflenet_v2_x1_0",
     "stochastic_depth",
     "vgg11_bn",
@@ -226,6 +228,14 @@ def resnext50_32x4d(num_classes: int = 10, in_channels: int = 3,
     3x3 conv without max pool. 25,028,904 parameters at 1000 classes."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, small_input,
                   groups=32, width_per_group=4)
+
+
+def resnext_small(num_classes: int = 10, in_channels: int = 3,
+                  small_input: bool = True) -> ResNet:
+    """A small ResNeXt for fast tests: torchvision's ResNeXt layout with 2-2-2-2 grouped
+    bottleneck blocks of 8 groups (4 channels a group at the first stage)."""
+    return ResNet(Bottleneck, [2, 2, 2, 2], num_classes, in_channels, small_input,
+                  groups=8, width_per_group=4)
 
 
 # ---------------------------------------------------------------------- MobileNetV2
@@ -971,6 +981,7 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "vgg11_bn": vgg11_bn,
     "concat_net": concat_net,
     "resnext50_32x4d": resnext50_32x4d,
+    "resnext_small": resnext_small,
     "regnet_x_400mf": regnet_x_400mf,
     "regnet_y_400mf": regnet_y_400mf,
     "efficientnet_b0": efficientnet_b0,

@@ -35,7 +35,10 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean (over rows) entropy in nats of the distributions softmax(logits), differentiable."""
+    """Mean (over rows) entropy in nats of the distributions softmax(logits), differentiable
+    (0 for no rows: a network without a stage of skippable blocks has no depth row)."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
     logp = masked_log_softmax(logits, mask)
     return -(logp.exp() * logp.masked_fill(~mask, 0.0)).sum(dim=1).mean()
 

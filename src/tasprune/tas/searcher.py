@@ -27,6 +27,7 @@ from tasprune.device import resolve_amp
 from tasprune.dist import Dist, per_rank_batch
 from tasprune.export import SHAPE_FILE, Teacher, resolve_network
 from tasprune.faults import Interrupted, StopRequest
+from tasprune.models.shape import Shape
 from tasprune.net.importance import reorder, taylor_scores
 from tasprune.net.plan import LayerPlan, PlanShape
 from tasprune.phase import (
@@ -387,14 +388,15 @@ def _reordered(teacher: nn.Module, plan: LayerPlan, data: DataBundle, images: to
     return reorder(teacher, plan, scores)
 
 
-def search(network: str | nn.Module, data: DataBundle, config: SearchConfig,
+def search(network: str | nn.Module | Shape, data: DataBundle, config: SearchConfig,
            out_dir: str | Path, teacher: Teacher | None = None, resume: bool = False,
            quiet: bool = False, weights: str | Path | None = None) -> SearchResult:
     """Search a pruned shape of `network` under the budgets of `config` (by default half
     its FLOPs).
 
-    `network`: a registered model name or a FILE.py:FACTORY (built for the data), or a
-    module (which is also the teacher when none is given). `teacher`: the trained
+    `network`: a registered model name or a FILE.py:FACTORY (built for the data), the
+    `Shape` of an unpruned built-in ResNet, or a module (which is also the teacher when
+    none is given). `teacher`: the trained
     unpruned network to start from (a module, its state dict or the path of a saved
     model), or `weights`, a state dict file of the network named; without either the
     supernet starts from a fresh initialisation and the weight step has no distillation.

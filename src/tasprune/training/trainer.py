@@ -39,7 +39,8 @@ from tasprune.device import check_fits_data, resolve_amp
 from tasprune.dist import per_rank_batch
 from tasprune.export import SHAPE_FILE, Teacher, as_teacher, save_pruned, spec_for
 from tasprune.faults import Interrupted, StopRequest
-from tasprune.models.network import full_network, instantiate, network_plan
+from tasprune.models.network import from_view, full_network, instantiate, network_plan
+from tasprune.models.shape import Shape
 from tasprune.net.importance import inherit
 from tasprune.net.plan import PlanShape
 from tasprune.net.surgery import mark
@@ -81,7 +82,7 @@ class TrainResult:
 
 
 def train(
-    target: PlanShape | str | nn.Module,
+    target: PlanShape | Shape | str | nn.Module,
     data: DataBundle,
     config: TrainConfig,
     out_dir: str | os.PathLike[str],
@@ -91,8 +92,9 @@ def train(
 ) -> TrainResult:
     """Train `target` on `data` (KD from `teacher` when given) into `out_dir`; see module doc.
 
-    `target`: a pruned (or full) `PlanShape`, built afresh (seeded by `config.seed`) or,
-    with `config.inherit`, cut from the teacher's channels of largest L1 norm; a
+    `target`: a pruned (or full) `PlanShape` (or a built-in ResNet's `Shape`), built afresh
+    (seeded by `config.seed`) or, with `config.inherit`, cut from the teacher's channels of
+    largest L1 norm; a
     registered model name or a FILE.py:FACTORY, its unpruned network for the data (from
     `weights`, a state dict file, when given); or a module, trained as it is.
     `teacher`: a module, a state dict of the unpruned network, or the path of a saved
@@ -108,7 +110,7 @@ def train(
     teacher_model = as_teacher(teacher, shape.plan.source or spec_for("", data),
                                shape.plan.free)
     if teacher_model is not None:
-        check_teacher(teacher_model, shape, data)
+        check_teacher(teacher_model, shape, data, same=config.inherit or not shape.is_full)
     if config.inherit:
         if teacher_model is None:
             raise ValueError("weight inheritance (--inherit) needs a teacher (--teacher)")
@@ -134,9 +136,12 @@ def train(
         return job.finish()
 
 
-def _target(target: PlanShape | str | nn.Module, data: DataBundle, config: TrainConfig,
-            weights: str | os.PathLike[str] | None) -> tuple[nn.Module, PlanShape]:
+def _target(target: PlanShape | Shape | str | nn.Module, data: DataBundle,
+            config: TrainConfig, weights: str | os.PathLike[str] | None
+            ) -> tuple[nn.Module, PlanShape]:
     """The module to train and its shape."""
+    if isinstance(target, Shape):  # the view of a built-in ResNet, at the data's size
+        target = from_view(target.replace(resolution=data.resolution))
     if isinstance(target, PlanShape):
         if weights is not None:
             raise ValueError("weights start the unpruned network; a pruned shape starts from "
@@ -152,14 +157,16 @@ def _target(target: PlanShape | str | nn.Module, data: DataBundle, config: Train
     return target, shape
 
 
-def check_teacher(teacher: nn.Module, shape: PlanShape, data: DataBundle) -> None:
-    """A pruned shape learns from the unpruned network it was pruned from, trained on the
-    same data; another one is almost always a mixed-up file."""
+def check_teacher(teacher: nn.Module, shape: PlanShape, data: DataBundle, same: bool) -> None:
+    """A teacher is trained on the same data; with `same` (a pruned shape, or weights
+    inherited) it is the unpruned network the shape prunes: another one is almost always
+    a mixed-up file. An unpruned network may distil from any teacher."""
     own = getattr(teacher, "tasprune_shape", None)
     if not isinstance(own, PlanShape):
         return
     src, want = own.source, shape.source
-    if src is not None and want is not None and src.name and want.name and src.name != want.name:
+    if same and src is not None and want is not None and src.name and want.name \
+            and src.name != want.name:
         raise ValueError(f"the teacher is a {src.name} but the shape prunes a {want.name}; "
                          "give the teacher the shape was pruned from")
     if (own.num_classes, own.in_channels) != (data.num_classes, data.in_channels):
