@@ -35,14 +35,14 @@ from tasprune.device import check_fits_data
 from tasprune.models.network import example_input, from_view, full_network, network_plan
 from tasprune.models.registry import (
     call_factory,
+    default_classes,
     default_resolution,
-    is_builtin_resnet,
     load_factory,
 )
 from tasprune.models.shape import PAPER_SHAPES_DIR, Shape, paper_shape_names
 from tasprune.net.plan import FORMAT as PLAN_FORMAT
 from tasprune.net.plan import LayerPlan, ModelSpec, PlanShape
-from tasprune.net.surgery import build_pruned, mark, shape_of
+from tasprune.net.surgery import build_pruned, carried_shape, mark, shape_of
 
 WEIGHTS_FILE = "model.safetensors"
 SHAPE_FILE = "shape.json"
@@ -133,7 +133,7 @@ def shape_from_data(data: dict[str, Any], factory: Factory | None = None,
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: invalid shape: {exc}") from None
         spec = ModelSpec(view.model_name, view.num_classes, view.in_channels, view.resolution)
-        model, plan = full_network(spec, free=True)
+        model, plan = full_network(spec, free=not view.is_full)
         return from_view(view, plan), model
     if fmt != PLAN_FORMAT:
         old = " (a network of your own saved by an earlier tasprune: train it again)" \
@@ -189,11 +189,9 @@ def load_shape(target: str, num_classes: int | None = None, resolution: int | No
         elif changes and isinstance(data.get("model"), dict):
             data = {**data, "model": {**data["model"], **changes}}
         return shape_from_data(data, None, str(path))[0]
-    default = default_resolution(target)
-    spec = ModelSpec(target, 10 if num_classes is None and not is_builtin_resnet(target)
-                     else num_classes or Shape.full(target).num_classes,
+    spec = ModelSpec(target, default_classes(target) if num_classes is None else num_classes,
                      3 if in_channels is None else in_channels,
-                     default if resolution is None else resolution)
+                     default_resolution(target) if resolution is None else resolution)
     return full_network(spec)[1].full()
 
 
@@ -288,8 +286,8 @@ def spec_for(network: str | nn.Module | Shape, data: DataBundle) -> ModelSpec:
         check_fits_data(from_view(network), data, "network")
         name = network.model_name
     else:
-        shape = getattr(network, "tasprune_shape", None)
-        name = shape.source.name if isinstance(shape, PlanShape) and shape.source else None
+        shape = carried_shape(network)
+        name = shape.source.name if shape is not None and shape.source else None
     return ModelSpec(name, data.num_classes, data.in_channels, data.resolution)
 
 
@@ -310,8 +308,8 @@ def resolve_network(network: str | nn.Module | Shape, data: DataBundle, teacher:
         return model, plan, model
     model = as_teacher(teacher, spec, free, seed)
     if model is not None:
-        own = getattr(model, "tasprune_shape", None)
-        source = own.source if isinstance(own, PlanShape) else None
+        own = carried_shape(model)
+        source = own.source if own is not None else None
         if source is not None and spec.name and source.name and source.name != spec.name:
             raise ValueError(f"the teacher is a {source.name}, not a {spec.name}; give the "
                              f"trained unpruned {spec.name} (train one with `tasprune train "

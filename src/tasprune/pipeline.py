@@ -60,7 +60,7 @@ from tasprune.export import (
 from tasprune.models.network import full_network, network_plan
 from tasprune.net.importance import inherit
 from tasprune.net.plan import ModelSpec, PlanShape
-from tasprune.net.surgery import mark, shape_of
+from tasprune.net.surgery import carried_shape, mark, shape_of
 from tasprune.phase import (
     METRICS_FILE,
     SEARCH_CHECKPOINT,
@@ -210,8 +210,8 @@ def _given_teacher(config: PruneConfig, spec: ModelSpec, data: DataBundle,
     what = "teacher" if teacher is not None else f"teacher {config.teacher}"
     model = as_teacher(teacher if teacher is not None else config.teacher, spec, free)
     assert model is not None
-    own = getattr(model, "tasprune_shape", None)
-    if isinstance(own, PlanShape):
+    own = carried_shape(model)
+    if own is not None:
         check_fits_data(own, data, what)
         if own.source is not None and own.source.name and own.source.name != spec.name:
             raise ValueError(f"the {what} is a {own.source.name}, not a {spec.name}; give a "

@@ -172,7 +172,7 @@ def test_latency_report_says_why_onnxruntime_was_skipped(monkeypatch, one_thread
         raise RuntimeError("exporter says no\nwith a long trace")
 
     monkeypatch.setattr(evaluation, "onnxruntime_missing", lambda: None)
-    monkeypatch.setattr("tasprune.export.export_onnx", broken)
+    monkeypatch.setattr(evaluation, "export_onnx", broken)
     out = evaluation.latency_report(model, (3, 8, 8), _tiny_config())
     assert out["onnxruntime_skipped"] == "the ONNX export or session failed: exporter says no"
     assert set(out["ms"]) == {"model", "folded"} and out["baseline"] == "model"

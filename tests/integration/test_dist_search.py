@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import network, supernet_from
 from tasprune import Shape, count_flops
 from tasprune._io import read_jsonl
 from tasprune.checkpoint import load_checkpoint
+from tasprune.export import read_shape
 from tasprune.phase import stream
 from tasprune.tas import searcher
 from tasprune.tas.space import SearchSpace
@@ -69,15 +71,15 @@ def test_torchrun_search_writes_once_and_keeps_the_ranks_identical(two_process_r
         # both ranks hold the same logits, hence derive the same shape, at every epoch end
         assert r["rank_logit_max_diff"] == 0.0
         assert 0 <= r["train_acc"] <= 1 and np.isfinite(r["train_loss"])
-    shape = Shape.load(out / "shape.json")
+    shape = read_shape(out / "shape.json")
     assert list(shape.blocks) == records[-1]["blocks"]
     state = load_checkpoint(out / "search.pt")
     assert (state["epoch"], state["step"], state["epoch_state"]) == (2, 0, None)
     assert (out / "search.prev.pt").is_file()
     assert sorted(p.name for p in out.iterdir()) == [
         "metrics.jsonl", "search.prev.pt", "search.pt", "shape.json"]  # no temp files left
-    net = SuperNet(SearchSpace.from_shape(Shape.full("resnet8", num_classes=10, in_channels=1,
-                                                     resolution=14), coupled=True))  # default
+    net = supernet_from(Shape.full("resnet8", num_classes=10, in_channels=1, resolution=14),
+                        free=False)  # the default: coupled residual widths
     net.load_state_dict(state["supernet"])
     # the argmax of the saved logits is the last search line's; the shape is it, filled
     assert list(net.derive().blocks) == records[1]["blocks"]
@@ -115,7 +117,7 @@ def test_torchrun_sigterm_saves_and_the_resume_matches(tmp_path, demo_subset, tw
     # the per-rank BatchNorm running statistics are rank 0's after a resume (they play no
     # part in the search); everything else continues exactly
     assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k)
-    assert Shape.load(reference / "shape.json") == Shape.load(tmp_path / "shape.json")
+    assert read_shape(reference / "shape.json") == read_shape(tmp_path / "shape.json")
     ra, rb = read_jsonl(reference / "metrics.jsonl"), read_jsonl(tmp_path / "metrics.jsonl")
     for x, y in zip(ra, rb, strict=True):
         assert x.keys() == y.keys()
@@ -166,8 +168,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, demo_subse
     assert not all(torch.equal(rank0[k], rank1[k]) for k in rank0 if "running" in k)
 
     single = torch.load(one / "rank0.pt")
-    full = Shape.full("resnet8", num_classes=10, in_channels=1, resolution=14)
-    start = SuperNet(SearchSpace.from_shape(full), stream(0, "search.supernet")).state_dict()
+    model, plan = network("resnet8", 10, 1, 14, free=False)
+    start = SuperNet(SearchSpace.from_plan(plan), model, stream(0, "search.supernet")).state_dict()
     # Same global batches, same Gumbel draws, no augmentation: what differs is BatchNorm,
     # whose batch statistics come from 8 images per rank instead of 16. That changes the
     # conv gradients a lot (their movement differs by ~50%), so the sharp comparison is

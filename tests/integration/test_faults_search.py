@@ -212,12 +212,13 @@ def test_both_checkpoints_damaged_is_a_clear_error_and_deletes_nothing(tmp_path,
     assert (ckpt.stat().st_size, prev.stat().st_size) == sizes
 
 
-def test_a_checkpoint_tagged_by_format_still_resumes(tmp_path, monkeypatch):
+def test_a_checkpoint_tagged_by_format_still_resumes(tmp_path, monkeypatch, reference):
     _stopped_run(tmp_path, monkeypatch)
     state = load_checkpoint(tmp_path / "search.pt")
     state["format"] = state.pop("kind")  # the tag's key before it was "kind"
     save_checkpoint(tmp_path / "search.pt", state)
     search(FULL, _data(), _config(checkpoint_every=3), tmp_path, resume=True, quiet=True)
+    assert_same_run(reference, tmp_path)  # resumed where it stopped, not started afresh
 
 
 def test_a_checkpoint_of_the_earlier_search_is_refused_with_advice(tmp_path, monkeypatch):

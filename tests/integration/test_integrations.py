@@ -94,7 +94,7 @@ def test_demo_with_trackers_matches_metrics(tmp_path, demo_subset):
             assert [s for s, _ in logged] == [s for s, _ in numbers], (phase, key)
             assert [v for _, v in logged] == pytest.approx([v for _, v in numbers], rel=1e-6)
         if phase == "search":
-            hists = [t for t in acc.Tags()["histograms"] if t.startswith("width/slot")]
+            hists = [t for t in acc.Tags()["histograms"] if t.startswith("width/group")]
             assert hists and len(acc.Histograms(hists[0])) == len(mine)
     teacher = [r for r in read_jsonl(out / "teacher" / "metrics.jsonl")]
     with open(out / "teacher" / "logs" / "train.csv") as fh:

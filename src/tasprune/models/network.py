@@ -16,7 +16,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tasprune.models.registry import build, is_builtin_resnet
+from tasprune.models.registry import (
+    build,
+    default_classes,
+    default_resolution,
+    is_builtin_resnet,
+)
 from tasprune.models.shape import Shape
 from tasprune.net.plan import LayerPlan, ModelSpec, PlanShape
 from tasprune.net.surgery import build_pruned, mark
@@ -57,6 +62,19 @@ def full_network(spec: ModelSpec, free: bool = False,
     return mark(model, plan.full()), plan
 
 
+def create_model(name: str, num_classes: int | None = None, in_channels: int | None = None,
+                 resolution: int | None = None, seed: int | None = None) -> nn.Module:
+    """The unpruned network of a registered name or a factory, freshly initialised, with its
+    shape (`tasprune_shape`), e.g. create_model("resnet56", num_classes=10) or
+    create_model("mobilenet_v2", 10, 1, 28). Classes, channels and input size default to
+    the model's own (1000 classes at 224 px for the ImageNet ResNets; 10, 3 and 32 for the
+    others); see `tasprune.list_models()` for the names."""
+    spec = ModelSpec(name, default_classes(name) if num_classes is None else num_classes,
+                     3 if in_channels is None else in_channels,
+                     default_resolution(name) if resolution is None else resolution)
+    return full_network(spec, seed=seed)[0]
+
+
 def instantiate(shape: PlanShape, seed: int | None = None) -> nn.Module:
     """The pruned network of `shape`, freshly initialised (under `seed` when given)."""
     spec = shape.plan.source
@@ -95,16 +113,18 @@ def _stage_of(plan: LayerPlan, stage: int) -> int:
     return int(name.split(".")[0].removeprefix("layer")) - 1
 
 
-def view_plan(shape: Shape, free: bool = True) -> LayerPlan:
-    """The plan of the unpruned built-in ResNet a Shape prunes."""
+def view_plan(shape: Shape, free: bool | None = None) -> LayerPlan:
+    """The plan of the unpruned built-in ResNet a Shape prunes: with free shortcuts (any
+    widths) unless `free` says otherwise; by default coupled for an unpruned Shape, whose
+    streams keep one width (the plan `tasprune train --model` gives it)."""
     spec = ModelSpec(shape.model_name, shape.num_classes, shape.in_channels, shape.resolution)
-    _, plan = full_network(spec, free=free)
+    _, plan = full_network(spec, free=not shape.is_full if free is None else free)
     return plan
 
 
 def from_view(shape: Shape, plan: LayerPlan | None = None) -> PlanShape:
-    """The PlanShape of a built-in ResNet's Shape, on `plan` (default: the free plan of its
-    unpruned network); a coupled plan refuses widths that differ along a residual stream."""
+    """The PlanShape of a built-in ResNet's Shape, on `plan` (default: `view_plan`); a
+    coupled plan refuses widths that differ along a residual stream."""
     plan = view_plan(shape) if plan is None else plan
     width: dict[int, int] = {}
     for name, w in zip(_slot_names(shape), shape.widths, strict=True):

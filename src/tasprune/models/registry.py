@@ -51,10 +51,10 @@ def is_factory(name: str) -> bool:
     return ":" in name
 
 
-def create_model(name: str, num_classes: int | None = None, in_channels: int | None = None,
-                 resolution: int | None = None) -> nn.Module:
-    """The unpruned network of a registered name, freshly initialised, e.g.
-    create_model("resnet56", num_classes=10) or create_model("mobilenet_v2", 10, 1, 28).
+def new_module(name: str, num_classes: int | None = None, in_channels: int | None = None,
+               resolution: int | None = None) -> nn.Module:
+    """The unpruned module of a registered name, freshly initialised (not traced; the
+    public `tasprune.create_model` gives it its plan).
 
     Names: see `list_models()`; small-image ResNets of other depths as "cifar-resnet<D>"
     (basic, D = 6n+2) or "cifar-resnet<D>-bottleneck" (D = 9n+2)."""
@@ -76,6 +76,11 @@ def create_model(name: str, num_classes: int | None = None, in_channels: int | N
         raise ValueError(f"{err}; zoo networks: {zoo_names}; or a network of your own as "
                          "FILE.py:FACTORY or package.module:FACTORY") from None
     return ResNet(shape)
+
+
+def default_classes(name: str) -> int:
+    """The classes a registered model has by default (1000 for ImageNet ResNets, else 10)."""
+    return Shape.full(name).num_classes if is_builtin_resnet(name) else 10
 
 
 def default_resolution(name: str) -> int:
@@ -258,7 +263,7 @@ def build(name: str, num_classes: int, in_channels: int, resolution: int,
     classes and `in_channels` x `resolution` x `resolution` images, with `weights` (a state
     dict file of that network) loaded when given."""
     if not is_factory(name):
-        model = create_model(name, num_classes, in_channels, resolution)
+        model = new_module(name, num_classes, in_channels, resolution)
         if weights is not None:
             load_weights(model, weights)
         return model

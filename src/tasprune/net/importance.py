@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tasprune.net.plan import LayerPlan, PlanLayer, PlanShape
-from tasprune.net.surgery import shrink
+from tasprune.net.surgery import carried_shape, shrink
 
 Scores = dict[int, torch.Tensor]
 
@@ -172,8 +172,8 @@ def inherit(teacher: nn.Module, shape: PlanShape) -> nn.Module:
     """The network of `shape` initialised from its unpruned `teacher`: every group keeps the
     teacher's channels of largest L1 norm (`l1_scores`), a grown shortcut projection starts
     as the teacher's identity on the channels both ends keep."""
-    own = getattr(teacher, "tasprune_shape", None)
-    if isinstance(own, PlanShape) and not own.is_full:
+    own = carried_shape(teacher)
+    if own is not None and not own.is_full:
         raise ValueError("weight inheritance needs the unpruned teacher; this one is pruned "
                          f"({own.describe()})")
     plan = shape.plan

@@ -26,10 +26,16 @@ from tasprune.net.plan import PlanLayer, PlanShape
 SHAPE_ATTR = "tasprune_shape"
 
 
+def carried_shape(model: nn.Module) -> PlanShape | None:
+    """The shape a module built by tasprune carries (`tasprune_shape`), or None."""
+    shape = getattr(model, SHAPE_ATTR, None)
+    return shape if isinstance(shape, PlanShape) else None
+
+
 def shape_of(model: nn.Module) -> PlanShape:
     """The shape a module built by tasprune carries (`tasprune_shape`)."""
-    shape = getattr(model, SHAPE_ATTR, None)
-    if not isinstance(shape, PlanShape):
+    shape = carried_shape(model)
+    if shape is None:
         raise ValueError(f"{type(model).__name__} was not built by tasprune (it has no "
                          f"{SHAPE_ATTR}); load it with tasprune.load_model or build it "
                          "with tasprune.create_model")

@@ -43,7 +43,7 @@ from tasprune.models.network import from_view, full_network, instantiate, networ
 from tasprune.models.shape import Shape
 from tasprune.net.importance import inherit
 from tasprune.net.plan import PlanShape
-from tasprune.net.surgery import mark
+from tasprune.net.surgery import carried_shape, mark
 from tasprune.phase import (
     BEST_FILE,
     METRICS_FILE,
@@ -150,8 +150,8 @@ def _target(target: PlanShape | Shape | str | nn.Module, data: DataBundle,
     if isinstance(target, str):
         model, plan = full_network(spec_for(target, data), weights=weights, seed=config.seed)
         return model, plan.full()
-    shape = getattr(target, "tasprune_shape", None)
-    if not isinstance(shape, PlanShape):
+    shape = carried_shape(target)
+    if shape is None:
         shape = network_plan(target, spec_for(target, data)).full()
         mark(target, shape)
     return target, shape
@@ -161,8 +161,8 @@ def check_teacher(teacher: nn.Module, shape: PlanShape, data: DataBundle, same: 
     """A teacher is trained on the same data; with `same` (a pruned shape, or weights
     inherited) it is the unpruned network the shape prunes: another one is almost always
     a mixed-up file. An unpruned network may distil from any teacher."""
-    own = getattr(teacher, "tasprune_shape", None)
-    if not isinstance(own, PlanShape):
+    own = carried_shape(teacher)
+    if own is None:
         return
     src, want = own.source, shape.source
     if same and src is not None and want is not None and src.name and want.name \
@@ -365,9 +365,8 @@ def _teacher_id(teacher: nn.Module | None) -> dict[str, Any] | None:
     """What a checkpoint records of the teacher, to resume with the same one."""
     if teacher is None:
         return None
-    shape = getattr(teacher, "tasprune_shape", None)
-    return shape.to_dict() if isinstance(shape, PlanShape) else {"module":
-                                                                   type(teacher).__name__}
+    shape = carried_shape(teacher)
+    return shape.to_dict() if shape is not None else {"module": type(teacher).__name__}
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
