@@ -27,7 +27,7 @@ from helpers import synthetic_bundle
 from tasprune import cli
 from tasprune.commands import _common
 from tasprune.data.idx import write_idx
-from tasprune.export import save_pruned
+from tasprune.export import load_shape, save_pruned
 from tasprune.models import build_model
 from tasprune.models.shape import PAPER_SHAPES_DIR, Shape
 from tasprune.models.zoo import concat_net, resnet18
@@ -100,6 +100,15 @@ def _make_files(root: Path) -> dict[str, str]:
         "width_str": {"widths": ["x", *widths[1:]]},
     }.items():
         f[name] = _json(root / f"{name}.json", {**full, **change})
+    # the layer plan's format (what searches write), of a zoo network
+    plan = load_shape("concat_net").to_dict()
+    first = next(iter(plan["groups"]))
+    for name, change in {
+        "plan_wide": {"groups": {**plan["groups"], first: 999}},
+        "plan_float": {"groups": {**plan["groups"], first: 7.5}},
+        "plan_other": {"groups": {"conv1": 8}},
+    }.items():
+        f[name] = _json(root / f"{name}.json", {**plan, **change})
     f["not_json"] = _json(root / "not_json.json", "widths: [16, 16")
     f["empty_json"] = _json(root / "empty.json", "")
     tas = json.loads((PAPER_SHAPES_DIR / "C010-ResNet20.config").read_text())
@@ -263,6 +272,11 @@ CASES = [
     ("flops-width-too-wide", ["flops", "{width_wide}"], ["= 999", "between 1 and 16"], None),
     ("flops-width-float", ["flops", "{width_float}"], ["must hold integers, got 7.5"], None),
     ("flops-width-str", ["flops", "{width_str}"], ["must hold integers, got 'x'"], None),
+    ("flops-plan-too-wide", ["flops", "{plan_wide}"],
+     ["plan_wide.json", "width 999, not 1 to 16"], None),
+    ("flops-plan-float", ["flops", "{plan_float}"], ["= 7.5: must be an integer"], None),
+    ("flops-plan-other-network", ["flops", "{plan_other}"],
+     ["searched on another network", "unknown ['conv1']"], None),
     ("flops-not-json", ["flops", "{not_json}"], ["not_json.json: not valid JSON"], None),
     ("flops-empty-json", ["flops", "{empty_json}"], ["empty.json: not valid JSON"], None),
     ("flops-missing-shape", ["flops", "nowhere.json"], ["nowhere.json: no such file"], None),

@@ -161,3 +161,45 @@ def test_a_rerun_of_prune_takes_the_teacher_and_the_search_it_made(tmp_path, cap
     other = [("0.4" if a == "0.5" else a) for a in argv]
     assert main(other) == 2  # other settings: refused before any work
     assert "holds a run with other settings" in capsys.readouterr().err
+
+
+# torchvision's factories take `weights=` and pass **kwargs to the network, which has no
+# in_channels: the stem is adapted to gray data instead
+TORCHVISION_STYLE = USER_FILE + textwrap.dedent('''
+
+    class RGBNet(Net):
+        def __init__(self, num_classes=1000):
+            super().__init__(num_classes, 3)
+
+
+    def rgb_net(*, weights=None, progress=True, **kwargs):
+        return RGBNet(**kwargs)
+''')
+
+
+def test_a_torchvision_style_factory_on_gray_data(tmp_path, capsys, monkeypatch):
+    import tasprune.commands._common
+
+    monkeypatch.setattr(tasprune.commands._common, "load_data", lambda *a, **k: DATA)
+    src = tmp_path / "tv_like.py"
+    src.write_text(TORCHVISION_STYLE)
+    factory = f"{src}:rgb_net"
+    rgb = load_factory(factory)(num_classes=3)
+    weights = tmp_path / "rgb.pt"
+    torch.save(rgb.state_dict(), weights)
+    out = tmp_path / "run"
+    assert main(["train", "--model", factory, "--weights", str(weights), "--data", "demo",
+                 "--epochs", "1", "--batch-size", "16", "--lr", "1e-12", "--out", str(out),
+                 "--quiet"]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert said.count("summed over the 3") == 1, said
+    model = load_model(out)
+    stem = model.stem[0]
+    assert stem.in_channels == 1
+    # lr ~0: the stem is the RGB one summed over its input channels, as said
+    torch.testing.assert_close(stem.weight, rgb.stem[0].weight.sum(1, keepdim=True))
+    assert main(["eval", str(out), "--data", "demo", "--no-latency", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["acc"] >= 0
+
+
+DATA = synthetic_bundle(classes=3, size=16)

@@ -189,3 +189,17 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, demo_subse
     assert r2["train_loss"] == pytest.approx(r1["train_loss"], abs=0.03)
     assert r2["steps_below_band"] + r2["steps_in_band"] + r2["steps_above_target"] == 2
     assert r2["rank_logit_max_diff"] == 0.0 and "rank_logit_max_diff" not in r1
+
+
+def test_torchrun_searches_a_zoo_network(tmp_path, demo_subset):
+    # MobileNetV2 (depthwise convs, inverted residuals): the same loop, the same agreement
+    out = tmp_path / "mnv2"
+    args = _search_args(demo_subset, out, "--epochs", "1", "--health-images", "60")
+    args[args.index("resnet8")] = "mobilenet_v2"
+    done = _run([*TORCHRUN, *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+    search, derive = read_jsonl(out / "metrics.jsonl")
+    assert search["rank_logit_max_diff"] == 0.0 and np.isfinite(search["train_loss"])
+    shape = read_shape(out / "shape.json")
+    assert shape.plan.source.name == "mobilenet_v2"
+    assert count_flops(shape) == derive["flops"]

@@ -271,6 +271,16 @@ def build(name: str, num_classes: int, in_channels: int, resolution: int,
     if weights is not None:
         load_weights(model, weights)
     line = adapt_stem(model, in_channels)
-    if line is not None and say is not None:
-        say(f"--model {name}: {line}")
+    if line is not None:
+        (say or _tell_once)(f"--model {name}: {line}")
     return model
+
+
+_TOLD: set[str] = set()
+
+
+def _tell_once(line: str) -> None:
+    """A notice on stderr, once per process (a run rebuilds its network several times)."""
+    if line not in _TOLD:
+        _TOLD.add(line)
+        print(line, file=sys.stderr)

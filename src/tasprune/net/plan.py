@@ -419,9 +419,9 @@ class PlanShape:
         if len(self.blocks) != len(plan.stages):
             raise ValueError(f"{len(self.blocks)} block counts for {len(plan.stages)} stages")
         for g, w in zip(plan.searched, self.widths, strict=True):
-            if w < 1:
-                raise ValueError(f"group {plan.groups[g].name}: width {w} (a group keeps at "
-                                 "least one channel)")
+            if not 1 <= w <= plan.groups[g].size:
+                raise ValueError(f"group {plan.groups[g].name}: width {w}, not 1 to "
+                                 f"{plan.groups[g].size} (its width in the unpruned network)")
         for s, d in enumerate(self.blocks):
             if not 1 <= d <= len(plan.stages[s]) + 1:
                 raise ValueError(f"stage {plan.stage_name(s)}: keeps {d} blocks, not 1 to "
@@ -574,9 +574,16 @@ class PlanShape:
             missing, extra = sorted(set(names) - got), sorted(got - set(names))
             raise ValueError("the shape was searched on another network: channel groups "
                              f"missing {missing[:3]}, unknown {extra[:3]}")
-        widths = tuple(int(groups[plan.groups[g].name]) for g in plan.searched)
         stages = data.get("stages") or {}
-        blocks = tuple(int(stages.get(plan.stage_name(s), len(plan.stages[s]) + 1))
+        if not isinstance(stages, dict):
+            raise ValueError("'stages' must map stage names to block counts")
+        for where, values in (("groups", groups), ("stages", stages)):
+            bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int)}
+            if bad:
+                name, value = next(iter(bad.items()))
+                raise ValueError(f"{where}[{name!r}] = {value!r}: must be an integer")
+        widths = tuple(groups[plan.groups[g].name] for g in plan.searched)
+        blocks = tuple(stages.get(plan.stage_name(s), len(plan.stages[s]) + 1)
                        for s in range(len(plan.stages)))
         return cls(plan, widths, blocks)
 
