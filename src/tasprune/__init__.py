@@ -17,7 +17,7 @@ from tasprune.export import load_model, load_pruned, load_pruned_model, load_sha
 from tasprune.flops import count_flops, count_params, layer_table
 from tasprune.hub import from_pretrained, save_pretrained
 from tasprune.models import Shape, create_model, list_models, paper_shape, paper_shape_names
-from tasprune.models.network import build_model
+from tasprune.models.network import build_model, to_view
 from tasprune.net.plan import LayerPlan, ModelSpec, PlanShape
 from tasprune.net.trace import PlanError, channelwise, trace_plan
 from tasprune.pipeline import load_prune_config, prune, prune_model
@@ -61,6 +61,7 @@ __all__ = [
     "prune_model",
     "save_pretrained",
     "search",
+    "to_view",
     "trace_plan",
     "train",
 ]

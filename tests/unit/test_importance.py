@@ -178,6 +178,7 @@ def test_errors_say_what_to_do():
         inherit(teacher, wider.full())
     bottleneck, bplan = _teacher("cifar-resnet11-bottleneck", 8, 0, classes=3, channels=1)
     widths = list(bplan.full().widths)
-    widths[1] = 40  # a bottleneck's inner conv may exceed the teacher's 16
+    inner = [bplan.groups[g].name for g in bplan.searched].index("layer1.0.conv2")
+    widths[inner] = 40  # a bottleneck's inner conv may grow to the block's outer 64
     with pytest.raises(ValueError, match="only 16 there.*from scratch"):
         inherit(bottleneck, bplan.full().replace(widths=widths))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from helpers import hook_flops
-from tasprune import Shape, build_model, count_flops, count_params, paper_shape, paper_shape_names
+from tasprune import (Shape, build_model, count_flops, count_params, load_shape, paper_shape,
+                      paper_shape_names)
 from tasprune.models.network import from_view, to_view
 from tasprune.models.shape import PAPER_SHAPES_DIR
 
@@ -57,6 +58,15 @@ def test_load_rejects_unknown_fields_and_bad_json(tmp_path):
         Shape.load(tmp_path / "b.json")
     with pytest.raises(FileNotFoundError, match="missing.json"):
         Shape.load(tmp_path / "missing.json")
+
+
+def test_a_searched_shape_file_is_read_by_load_shape(tmp_path):
+    view = Shape.full("resnet14", num_classes=3, in_channels=1, resolution=28)
+    view = view.replace(widths=(5,) + view.widths[1:], blocks=(1, 2, 1))
+    from_view(view).save(tmp_path / "shape.json")
+    with pytest.raises(ValueError, match="searched shape.*tasprune.load_shape"):
+        Shape.load(tmp_path / "shape.json")
+    assert to_view(load_shape(str(tmp_path / "shape.json"))) == view
 
 
 def test_all_twelve_paper_shapes_load_build_and_count():

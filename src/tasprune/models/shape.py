@@ -217,19 +217,19 @@ class Shape:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Shape:
-        """Read a shape.json of a built-in ResNet (either format: this view's
-        "tasprune.shape" or the layer plan's "tasprune.plan-shape/2" that searches write), or
-        by extension a TAS .config file."""
+        """Read a shape.json in this view's format ("tasprune.shape"), or by extension a
+        TAS .config file. A searched shape ("tasprune.plan-shape/2", what searches write)
+        is read by `tasprune.load_shape`; `tasprune.to_view` gives its Shape."""
         path = Path(path)
         if path.suffix == ".config":
             return cls.from_tas_config(path)
         data = read_json(path)
+        if isinstance(data, dict) and str(data.get("format", "")).startswith(
+                "tasprune.plan-shape"):
+            raise ValueError(f"{path}: a searched shape ({data['format']}); read it with "
+                             "tasprune.load_shape(path), and tasprune.to_view(...) gives a "
+                             "built-in ResNet's Shape of it")
         try:
-            if isinstance(data, dict) and data.get("format") != "tasprune.shape":
-                from tasprune.export import shape_from_data  # the plan needs the models
-                from tasprune.models.network import to_view
-
-                return to_view(shape_from_data(data, None, str(path))[0])
             return cls.from_dict(data)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: invalid shape: {exc}") from None

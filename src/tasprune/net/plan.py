@@ -180,6 +180,19 @@ class LayerPlan:
         blocks = [self.blocks[b] for b in self.stages[stage]]
         return (blocks[0].enters, *(b.leaves for b in blocks))
 
+    def width_bounds(self) -> tuple[int, ...]:
+        """The widest every group may be, per group: its own width or that of a group a
+        layer joins it to, whichever is wider (a bottleneck's inner convs may grow to the
+        block's outer width, as the published TAS ResNet-50 shape has them)."""
+        bounds = [group.size for group in self.groups]
+        for layer in self.layers:
+            if layer.writes is None:
+                continue
+            for g in layer.reads:
+                bounds[g] = max(bounds[g], self.groups[layer.writes].size)
+                bounds[layer.writes] = max(bounds[layer.writes], self.groups[g].size)
+        return tuple(bounds)
+
     def full(self) -> PlanShape:
         """The unpruned network: every searched group at full width, every block kept."""
         return PlanShape(self, tuple(self.groups[g].size for g in self.searched),
@@ -418,10 +431,12 @@ class PlanShape:
                              "channel groups")
         if len(self.blocks) != len(plan.stages):
             raise ValueError(f"{len(self.blocks)} block counts for {len(plan.stages)} stages")
+        bounds = plan.width_bounds()
         for g, w in zip(plan.searched, self.widths, strict=True):
-            if not 1 <= w <= plan.groups[g].size:
+            if not 1 <= w <= bounds[g]:
                 raise ValueError(f"group {plan.groups[g].name}: width {w}, not 1 to "
-                                 f"{plan.groups[g].size} (its width in the unpruned network)")
+                                 f"{bounds[g]} (the widest layer it joins in the unpruned "
+                                 "network)")
         for s, d in enumerate(self.blocks):
             if not 1 <= d <= len(plan.stages[s]) + 1:
                 raise ValueError(f"stage {plan.stage_name(s)}: keeps {d} blocks, not 1 to "
