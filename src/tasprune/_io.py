@@ -18,7 +18,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     A crash at any point leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the temp name ends like the file (torch.export.save warns about any other ending)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}",
+                                dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     umask = os.umask(0)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
+import pickle
 import random
 import sys
 from collections.abc import Mapping
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -140,11 +143,21 @@ def load_latest(path: str | os.PathLike[str], map_location: str | torch.device =
         return state, prev
 
 
+def _holds_objects(exc: BaseException) -> bool:
+    """Whether torch.load(weights_only=True) refused the file for the objects it holds (its
+    own message is several lines of advice to unpickle it, which tasprune never does)."""
+    return isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)
+
+
 def _torch_load(source: Path | io.BytesIO, path: Path, map_location: str | torch.device
                 ) -> dict[str, Any]:
     try:
         state = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/corrupt files
+        if _holds_objects(exc):
+            raise CheckpointError(f"{path}: holds Python objects besides tensors, which "
+                                  "tasprune never unpickles: not a tasprune checkpoint"
+                                  ) from None
         raise CheckpointError(
             f"{path}: not a readable tasprune checkpoint (truncated or corrupt?): "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -179,6 +192,59 @@ def load_state_checked(model: nn.Module, state: Mapping[str, torch.Tensor], sour
     model.load_state_dict(dict(state), strict=True)
 
 
+# the metadata key of a tasprune .safetensors file: one JSON object, the shape of the
+# network with the digest of the tensors (DIGEST_FIELD). One key only: safetensors writes
+# its metadata in hash order, so two keys would make equal models differ byte by byte.
+SHAPE_META_KEY = "tasprune.shape"
+DIGEST_FIELD = "weights_sha256"
+
+
+def tensor_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every tensor's name, dtype, shape and bytes, in name order
+    (so two tensors trading places change it)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_safetensors(path: str | os.PathLike[str], what: str = ""
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a .safetensors file; a file tasprune wrote carries the
+    digest of its tensors (`DIGEST_FIELD` of its `SHAPE_META_KEY`), and one that no longer
+    matches it is refused."""
+    label = f"{what}{path}"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{label}: not a readable safetensors file (truncated or "
+                              f"corrupt?): {_first_line(exc)}") from None
+    expected = _stamped_digest(meta)
+    if expected is not None and tensor_digest(state) != expected:
+        raise CheckpointError(f"{label}: the weights no longer match the digest written with "
+                              "them (the file was damaged or edited); copy it again from its "
+                              "run, or retrain")
+    return state, meta
+
+
+def _stamped_digest(meta: Mapping[str, str]) -> str | None:
+    try:
+        data = json.loads(meta[SHAPE_META_KEY])
+    except (KeyError, ValueError):
+        return None  # no tasprune metadata (or damaged, which the shape reader says)
+    digest = data.get(DIGEST_FIELD) if isinstance(data, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load a state dict file (.safetensors, or .pt/.pth read with weights_only=True; a
     dict holding it under "state_dict" too) into `model`, strictly (every key, every
@@ -188,17 +254,27 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         raise ValueError(f"--weights {path}: no such file")
     try:
         if path.suffix == ".safetensors":
-            state: Any = load_file(str(path))
+            state: Any = read_safetensors(path, "--weights ")[0]
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001 - any reader error, one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--weights {path}: cannot be read as a state dict ({first})"
-                         ) from None
+        if _holds_objects(err):
+            raise ValueError(f"--weights {path}: holds Python objects besides tensors, which "
+                             "tasprune never unpickles; save a plain state dict "
+                             "(torch.save(model.state_dict(), path)) or a .safetensors file"
+                             ) from None
+        raise ValueError(f"--weights {path}: cannot be read as a state dict "
+                         f"({_first_line(err)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"--weights {path}: holds a {type(state).__name__}, not a state dict")
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise ValueError(f"--weights {path}: {bad} holds NaN or infinite values (the training "
+                         "that wrote them diverged); give weights of a finished training")
     load_state_checked(model, state, f"--weights {path}")
     return model
 

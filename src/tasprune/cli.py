@@ -68,13 +68,17 @@ _OS_ADVICE = {
     errno.EACCES: "permission denied; choose an --out you can write to",
     errno.EPERM: "permission denied; choose an --out you can write to",
 }
+_NO_OUT = " (this command writes into the run: copy the run somewhere writable first)"
 
 
-def os_error_line(exc: OSError) -> str:
-    """An OSError as one line: the file, what happened and what to do."""
+def os_error_line(exc: OSError, has_out: bool = True) -> str:
+    """An OSError as one line: the file, what happened and what to do (for a command
+    without --out, what to do instead of choosing one)."""
     if exc.filename is None:
         return exc.strerror or str(exc)
     advice = _OS_ADVICE.get(exc.errno or 0, exc.strerror or str(exc))
+    if not has_out and exc.errno in _OS_ADVICE:
+        advice = advice.split(";")[0] + _NO_OUT
     return f"{exc.filename}: {advice}"
 
 
@@ -102,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"error: {exc}")
         return 2
     except OSError as exc:  # read-only or full file system, permissions: one line
-        say(f"error: {os_error_line(exc)}")
+        say(f"error: {os_error_line(exc, has_out=hasattr(args, 'out'))}")
         return 2
     except NonFiniteLoss as exc:
         say(f"error: {exc}")

@@ -125,6 +125,26 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _unique_mapping)
+
+
 def load_config(cls: type[T], path: str | os.PathLike[str] | None = None,
                 overrides: Sequence[str] = (), base: dict[str, Any] | None = None,
                 flags: dict[str, Any] | None = None) -> T:
@@ -136,11 +156,14 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None,
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
-            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+            loaded = yaml.load(path.read_bytes().decode("utf-8"), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+        if loaded is None or loaded == {}:
+            raise ConfigError(f"{path}: the recipe holds no settings; give at least one key "
+                              "(e.g. model: resnet20), or leave out --config for the defaults")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys")
         data = _merge(data, loaded)
@@ -182,6 +205,8 @@ def convert(hint: Any, value: Any, key: str) -> Any:
                               f"got {value!r}")
         return value
     if origin in (tuple, list):
+        if isinstance(value, str) and "," in value:  # key=0.5,1 as the flags take it
+            value = [_number(v) for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:

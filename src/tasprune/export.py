@@ -23,12 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from tasprune._io import atomic_write, read_json
-from tasprune.checkpoint import CheckpointError, load_checkpoint, load_state_checked
+from tasprune.checkpoint import (
+    DIGEST_FIELD,
+    SHAPE_META_KEY,
+    CheckpointError,
+    load_checkpoint,
+    load_state_checked,
+    read_safetensors,
+    tensor_digest,
+)
 from tasprune.data.source import DataBundle
 from tasprune.deploy import fold_batchnorm
 from tasprune.device import check_fits_data
@@ -46,7 +53,6 @@ from tasprune.net.surgery import build_pruned, carried_shape, mark, shape_of
 
 WEIGHTS_FILE = "model.safetensors"
 SHAPE_FILE = "shape.json"
-_SHAPE_KEY = "tasprune.shape"
 EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt",
                   "pt2": "model.pt2"}
 Factory = Callable[..., nn.Module] | str
@@ -57,26 +63,18 @@ def save_pruned(out_dir: str | os.PathLike[str], model: nn.Module,
     """Write `out_dir/model.safetensors` and `out_dir/shape.json` atomically; return the first.
 
     `shape` defaults to the one the model carries; it is also embedded in the safetensors
-    metadata, so the weights file alone is enough to rebuild the model."""
+    metadata, so the weights file alone is enough to rebuild the model, with the digest of
+    the tensors, which `load_model` checks."""
     shape = shape_of(model) if shape is None else shape
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {_SHAPE_KEY: json.dumps(shape.to_dict())}
+    meta = {SHAPE_META_KEY: json.dumps({**shape.to_dict(),
+                                        DIGEST_FIELD: tensor_digest(state)})}
     path = out / WEIGHTS_FILE
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     shape.save(out / SHAPE_FILE)
     return path
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        return load_file(str(path)), meta
-    except Exception as exc:  # safetensors raises its own error types for bad files
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or "
-                              f"corrupt?): {exc}") from None
 
 
 def _json_file(path: Path) -> dict[str, Any]:
@@ -88,16 +86,16 @@ def _json_file(path: Path) -> dict[str, Any]:
 
 def _comparable(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("modules", "skipped", "flops",
-                                                      "params")}
+                                                      "params", DIGEST_FIELD)}
 
 
 def _shape_data(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     """The shape of a weights file: its metadata's, which the shape.json beside it must
     match when there is one."""
     beside = path.parent / SHAPE_FILE
-    if _SHAPE_KEY in meta:
+    if SHAPE_META_KEY in meta:
         try:
-            data = json.loads(meta[_SHAPE_KEY])
+            data = json.loads(meta[SHAPE_META_KEY])
         except ValueError as exc:
             raise CheckpointError(f"{path}: the shape in its metadata is damaged ({exc}); "
                                   "remove the file or rewrite it from the run") from None
@@ -105,7 +103,7 @@ def _shape_data(path: Path, meta: dict[str, str]) -> dict[str, Any]:
             raise CheckpointError(f"{path}: its metadata holds another shape than {beside}; "
                                   "the two files come from different runs: put the matching "
                                   "shape.json beside it")
-        return data
+        return {k: v for k, v in data.items() if k != DIGEST_FIELD}
     if beside.is_file():
         return _json_file(beside)
     raise FileNotFoundError(f"{path}: no shape in its metadata and no {SHAPE_FILE} beside it; "
@@ -225,7 +223,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.suffix == ".safetensors":
-        state, meta = _read_safetensors(path)
+        state, meta = read_safetensors(path)
         data = _shape_data(path, meta)
     else:
         ckpt = load_checkpoint(path)

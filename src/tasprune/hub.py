@@ -11,6 +11,7 @@ is pushing (`push_to_hub=True`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -41,6 +42,24 @@ def _hub() -> Any:
     return huggingface_hub
 
 
+def _check_target(out: Path) -> None:
+    """Refuse a directory that holds anything but an earlier save_pretrained's files."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a directory to save the model into")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name not in FILES)
+    ours = False
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((out / CONFIG_FILE).read_text())
+        ours = isinstance(config, dict) and config.get("library_name") == "tasprune"
+    if others or not ours:
+        names = sorted(p.name for p in out.iterdir())
+        held = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(f"{out} holds files that are not an earlier export of a model "
+                         f"({held}); choose a new or empty directory")
+
+
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
                     summary: Mapping[str, Any] | None = None,
                     settings: Mapping[str, Any] | None = None, push_to_hub: bool = False,
@@ -51,8 +70,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike[str], *,
     into the model card. `push_to_hub` uploads the directory to `repo_id` (created if
     needed; needs a Hub token), the one network access of this module."""
     out = Path(save_directory)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; give a directory to save the model into")
+    _check_target(out)
     out.mkdir(parents=True, exist_ok=True)
     save_pruned(out, model)
     shape = shape_of(model)

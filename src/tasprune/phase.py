@@ -29,7 +29,7 @@ from tasprune.config import runtime_fields, to_dict
 from tasprune.device import resolve_device
 from tasprune.dist import Dist, init_from_env, launched_by_torchrun, leave_process_group
 from tasprune.faults import NonFiniteLoss, StopRequest
-from tasprune.tracking import log_record
+from tasprune.tracking import check_writable, log_record
 
 SEARCH_CHECKPOINT = "search.pt"
 TRAIN_CHECKPOINT = "train.pt"
@@ -181,6 +181,10 @@ class Run:
     device: torch.device = torch.device("cpu")
     log_to: tuple[str, ...] = ()  # trackers besides metrics.jsonl
 
+    def __post_init__(self) -> None:
+        if self.log_to and self.dist.is_main:
+            check_writable(self.out, self.log_to)
+
     @property
     def path(self) -> Path:
         return self.out / self.name
@@ -191,8 +195,7 @@ class Run:
         found = has_checkpoint(self.path)
         if found and not resume:
             raise ValueError(f"{self.out} already holds a {self.what} run ({self.name}); pass "
-                             "resume (--resume) to continue it, or choose another output "
-                             "directory")
+                             "--resume to continue it, or choose another output directory")
         return found and resume
 
     def write(self, state: Mapping[str, Any]) -> None:

@@ -333,9 +333,9 @@ def prune(config: PruneConfig, out_dir: str | os.PathLike[str], quiet: bool = Fa
         shape = found.shape
         if found.adjusted and found.argmax_flops is not None:
             argmax = found.argmax_flops / found.full_flops
-            _log(quiet, f"search: the most probable shape ({argmax:.3f} of the FLOPs) was "
-                 "outside the band; moved to the closest in-band shape "
-                 f"({found.flops / found.full_flops:.3f})")
+            _log(quiet, f"search: the most probable shape ({argmax:.4f} of the FLOPs) was "
+                 "moved to the closest shape that is in the band and uses the budget "
+                 f"({found.flops / found.full_flops:.4f})")
 
     if trained:
         _log(quiet, f"train: done ({out / WEIGHTS_FILE}), skipping")

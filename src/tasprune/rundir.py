@@ -49,17 +49,42 @@ def check_kind(directory: str | os.PathLike[str], command: str) -> None:
     if found is not None and found != command:
         raise ValueError(f"{directory} holds a `tasprune {found}` run; `tasprune {command}` "
                          f"would overwrite its files: choose another --out")
+    if found is None and Path(directory).is_dir():
+        taken = sorted(p.name for p in Path(directory).iterdir() if p.name in ARTIFACTS)
+        if taken:
+            raise ValueError(f"{directory} holds {', '.join(taken[:3])}, which no tasprune run "
+                             f"wrote there, and `tasprune {command}` would overwrite it: choose "
+                             "another --out")
 
 
-def check_export_target(source: str | os.PathLike[str], target: str | os.PathLike[str]
-                        ) -> None:
-    """Refuse an export target that is the exported file itself or a file a run needs."""
+def check_export_target(source: str | os.PathLike[str], target: str | os.PathLike[str],
+                        default_name: str) -> None:
+    """Refuse an export file that would replace a file `tasprune export` did not write.
+
+    A new path is fine unless it is a file name a run writes, in a run directory. An
+    existing file is replaced only when it is `default_name` (what export writes by
+    default, e.g. model.onnx) in a run directory: an earlier export of that format.
+    Anything else that exists (another run's model, the run's teacher, a plot, a file of
+    the user's) is refused, and so is the exported file itself, even through a symlink."""
+    if not str(target).strip():
+        raise ValueError("--out '' names no file; give one, e.g. --out model.onnx")
     src, out = Path(source).absolute(), Path(target).absolute()
     run = src if src.is_dir() else src.parent
-    if out.resolve() == src.resolve() or (out.parent.resolve() == run.resolve()
-                                          and out.name in ARTIFACTS):
-        raise ValueError(f"--out {target} is a file of the run {run} ({out.name}); exporting "
-                         "over it would destroy the run: choose another file name")
+    if out.resolve() == src.resolve() or out.resolve() == (run / "model.safetensors").resolve():
+        raise ValueError(f"--out {target} is the model being exported; choose another file "
+                         "name")
+    if out.is_dir():
+        raise ValueError(f"--out {target} is a directory; give a file name, e.g. "
+                         f"{out / default_name}")
+    in_run = run_kind(out.parent) is not None
+    if out.exists() or out.is_symlink():
+        if out.is_file() and not out.is_symlink() and out.name == default_name and in_run:
+            return  # an earlier export into a run directory
+        raise ValueError(f"--out {target} already exists and tasprune export did not write it "
+                         "there; choose a new file name (or move that file away)")
+    if in_run and out.name in ARTIFACTS:
+        raise ValueError(f"--out {target} is a file name of the run {out.parent}; exporting "
+                         "there would confuse the run: choose another file name")
 
 
 def _holder(directory: Path) -> str:

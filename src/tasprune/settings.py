@@ -27,6 +27,8 @@ from tasprune.training.optim import check_sgd_settings
 Method = Literal["tas", "uniform", "l1", "random"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 
+MAX_SEED = 2**63  # torch.Generator takes seeds below this
+
 
 @dataclass(frozen=True)
 class SearchConfig:
@@ -126,6 +128,8 @@ class SearchConfig:
             if value is not None and (isinstance(value, bool) or not 0 < value <= 1):
                 fail(name, f"a budget is a fraction of the unpruned network's {what} in (0, 1],"
                      " e.g. 0.5 for half")
+        if not 0 <= self.seed < MAX_SEED:
+            fail("seed", "a seed is an integer in [0, 2**63)")
         if self.flops_ratio is None and self.params_ratio is None and self.latency_ratio is None:
             fail("flops_ratio", "give at least one budget: flops_ratio, params_ratio or "
                  "latency_ratio")
@@ -246,8 +250,8 @@ class TrainConfig:
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warm-up ({self.warmup_epochs} epochs) must be >= 0 and shorter "
                              f"than the run ({self.epochs} epochs)")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.checkpoint_every < 0:

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,22 @@ def check_sinks(sinks: Sequence[str]) -> tuple[str, ...]:
             raise ValueError("log: tensorboard needs the tensorboard package: "
                              "pip install 'tasprune[tensorboard]'") from None
     return tuple(out)
+
+
+def check_writable(run_dir: str | os.PathLike[str], sinks: Sequence[str]) -> None:
+    """Make the trackers' directories under `run_dir` and write a file into each, so that
+    one that cannot be written is said before any epoch, not after the first."""
+    dirs = {"csv": Path(run_dir) / LOG_DIR, "tensorboard": Path(run_dir) / LOG_DIR /
+            TENSORBOARD_DIR}
+    for sink in sinks:
+        where = dirs[sink]
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=where):
+                pass
+        except OSError as exc:
+            raise ValueError(f"log: {where} cannot be written ({exc.strerror or exc}); make "
+                             f"it writable, or leave {sink} out of --log") from None
 
 
 def parse_sinks(text: str) -> tuple[str, ...]:

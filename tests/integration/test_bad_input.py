@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,8 @@ from tasprune.training.trainer import TrainConfig, train
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 SENTINEL = "sentinel.txt"
+SEEN: dict[str, str] = {}  # case id -> its stderr, for the check of docs/errors.md
+ERRORS_MD = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 # the bundled demo data: 10 classes of 1x28x28 images
 DEMO = {"num_classes": 10, "in_channels": 1, "resolution": 28}
 SYNTHETIC = synthetic_bundle(n_train=48, n_test=24, classes=3, size=12)
@@ -172,7 +175,30 @@ def _make_files(root: Path) -> dict[str, str]:
     save_pruned(root / "nan", nan)
     f["nan"] = str(root / "nan")
 
+    # a model whose weights were damaged after they were written (their digest disagrees)
+    damaged = Path(shutil.copytree(f["run20"], root / "run20_damaged"))
+    raw = bytearray((damaged / "model.safetensors").read_bytes())
+    raw[-64:] = b"\x7f" * 64  # the last tensor's bytes
+    (damaged / "model.safetensors").write_bytes(bytes(raw))
+    f["damagedweights"] = str(damaged)
+    # a run directory where `logs` is a file, so the csv tracker cannot write logs/
+    logs = root / "logs_file"
+    logs.mkdir()
+    (logs / "logs").write_text("not a directory\n")
+    f["logs_file"] = str(logs)
+    # a directory of the user's own files (an hf export must not touch them)
+    proj = root / "proj"
+    proj.mkdir()
+    (proj / "README.md").write_text("mine\n")
+    f["proj"] = str(proj)
+    users = root / "users_files"
+    users.mkdir()
+    (users / "shape.json").write_text("{}\n")
+    f["users_files"] = str(users)
+
     # recipes
+    f["recipe_empty"] = _json(root / "empty.yaml", "# nothing yet\n")
+    f["recipe_duplicate"] = _json(root / "duplicate.yaml", "model: resnet20\nmodel: resnet8\n")
     f["recipe_unknown_key"] = _json(root / "unknown_key.yaml",
                                     "model: resnet20\nsearch:\n  epochz: 3\n")
     f["recipe_malformed"] = _json(root / "malformed.yaml", "model: [resnet20\nsearch: {\n")
@@ -193,8 +219,32 @@ def _make_files(root: Path) -> dict[str, str]:
         "def no_arguments():\n"
         "    return nn.Conv2d(1, 1, 1)\n")
     f["usermodels"] = str(user)
+    (root / "syntax_error.py").write_text("def net(num_classes=10:\n    pass\n")
+    f["syntaxfile"] = str(root / "syntax_error.py")
+    (root / "needs_torchvision.py").write_text(
+        "import torchvision_is_not_here\n\n\ndef net(num_classes=10):\n    pass\n")
+    f["importfile"] = str(root / "needs_torchvision.py")
+    (root / "factories.py").write_text(
+        "from tasprune.models.zoo import concat_net\n\n\n"
+        "def returns_dict(num_classes=10, in_channels=1):\n    return {'net': 1}\n\n\n"
+        "def raises(num_classes=10, in_channels=1):\n"
+        "    raise RuntimeError('my factory is broken')\n\n\n"
+        "def type_error_inside(num_classes=10, in_channels=1):\n"
+        "    return concat_net(num_classes, in_channels, 'extra')\n\n\n"
+        "def five_classes(num_classes=10, in_channels=1):\n"
+        "    return concat_net(num_classes=5, in_channels=in_channels)\n\n\n"
+        "def ignores_classes(num_classes=10, in_channels=1):\n"
+        "    return concat_net(num_classes=1000, in_channels=in_channels)\n")
+    f["factories"] = str(root / "factories.py")
     f["r18weights"] = str(root / "resnet18.pth")
     torch.save(resnet18(num_classes=10, in_channels=1).state_dict(), f["r18weights"])
+    nan_state = concat_net(num_classes=10, in_channels=1).state_dict()
+    nan_state["fc.weight"][0, 0] = float("nan")
+    f["nanweights"] = str(root / "nan.pth")
+    torch.save(nan_state, f["nanweights"])
+    f["pickleweights"] = str(root / "objects.pth")
+    torch.save({"fc.weight": torch.zeros(1), "note": Path("a Python object")},
+               f["pickleweights"])
     f["concatweights"] = str(root / "concat.safetensors")
     save_file(concat_net(num_classes=10, in_channels=1).state_dict(), f["concatweights"])
     return f
@@ -273,7 +323,7 @@ CASES = [
     ("flops-width-float", ["flops", "{width_float}"], ["must hold integers, got 7.5"], None),
     ("flops-width-str", ["flops", "{width_str}"], ["must hold integers, got 'x'"], None),
     ("flops-plan-too-wide", ["flops", "{plan_wide}"],
-     ["plan_wide.json", "width 999, not 1 to 16"], None),
+     ["plan_wide.json", "width 999, not 1 to 24"], None),
     ("flops-plan-float", ["flops", "{plan_float}"], ["= 7.5: must be an integer"], None),
     ("flops-plan-other-network", ["flops", "{plan_other}"],
      ["searched on another network", "unknown ['conv1']"], None),
@@ -312,6 +362,9 @@ CASES = [
      ["empty/train: no such directory"], None),
     ("data-folder-no-classes", ["data", "info", "folder:{no_classes}"],
      ["no_classes/train: no class folders"], None),
+    ("train-into-a-users-shape", ["train", "--model", "resnet8", *S, "--out", "{target}"],
+     ["holds shape.json, which no tasprune run wrote there", "would overwrite it"],
+     "users_files"),
     ("data-unknown-kind", ["data", "info", "imagenet:{empty}"],
      ["unknown dataset", "folder:DIR"], None),
     ("train-cifar-missing", ["train", "--model", "resnet20", "--data", "cifar10:{empty}/nope",
@@ -380,7 +433,6 @@ CASES = [
       for cmd, argv in (("train", ["train", "--model", "resnet8", *S]),
                         ("search", ["search", "--model", "resnet8", "--flops-ratio", "0.5", *S]),
                         ("prune", ["prune", "--quiet"]), ("demo", ["demo", "--quiet"]))],
-    # recipes
     ("recipe-unknown-key", ["prune", "--config", "{recipe_unknown_key}", "--out", "{out}"],
      ["unknown_key.yaml: unknown config key search.epochz", "valid keys under search:",
       "epochs"], "out"),
@@ -401,8 +453,10 @@ CASES = [
     ("train-into-a-search-run", ["train", "--model", "resnet8", *S, "--out", "{target}"],
      ["holds a `tasprune search` run"], "srch"),
     *[(f"export-over-{name}", ["export", "{target}", "--format", "torchscript", "--out",
-                               "{target}/" + name], ["is a file of the run", name], "run20")
-      for name in ("model.safetensors", "train.pt")],
+                               "{target}/" + name], [name, fragment], "run20")
+      for name, fragment in (("model.safetensors", "is the model being exported"),
+                             ("shape.json", "did not write it"),
+                             ("train.pt", "a file name of the run"))],
     ("prune-edited-config", ["prune", "--out", "{target}", "--quiet"],
      ["config.yaml was edited after the run wrote it", "restore it"], "edited"),
     ("prune-damaged-config", ["prune", "--out", "{target}", "--quiet"],
@@ -438,7 +492,7 @@ CASES = [
                             "--amp", "fp16", "--device", "cpu", "--out", "{out}"],
      ["search amp fp16 needs a CUDA device"], "out"),
     ("export-hf-into-the-run", ["export", "{target}", "--format", "hf", "--out", "{target}"],
-     ["is the run directory itself"], "run20"),
+     ["holds files that are not an earlier export"], "run20"),
     # a network of your own (--model FILE.py:FACTORY)
     ("own-model-missing-file", ["prune", "--model", "{out}/nothere.py:net", "--out", "{out}"],
      ["nothere.py:net", "no file"], "out"),
@@ -451,6 +505,79 @@ CASES = [
     ("own-model-weights-of-another-net", ["search", "--model", "tasprune.models.zoo:resnet50",
                                           "--weights", "{r18weights}", *T, "--out", "{out}"],
      ["resnet18.pth"], "out"),
+    ("train-into-a-users-shape", ["train", "--model", "resnet8", *S, "--out", "{target}"],
+     ["holds shape.json, which no tasprune run wrote there", "would overwrite it"],
+     "users_files"),
+    ("data-unknown-kind", ["train", "--model", "resnet8", "--data", "imagenet:/data/x",
+                           "--epochs", "1", "--out", "{out}"],
+     ["unknown dataset 'imagenet:/data/x'", "use one of: demo"], "out"),
+    ("train-run-already-there", ["train", "--model", "resnet8", *S, "--out", "{target}"],
+     ["already holds a training run (train.pt)", "pass --resume"], "tr8"),
+    ("flops-channel-shuffle", ["flops", "tasprune.models.zoo:shufflenet_v2_x1_0"],
+     ["stage2.0 (call_method view): reshapes the channel axis"], None),
+    # nothing a user owns is overwritten (issue 26)
+    ("export-over-another-runs-model", ["export", "{run32}", "--format", "pt2", "--out",
+                                        "{target}/model.safetensors"],
+     ["model.safetensors already exists", "did not write it"], "run20"),
+    ("export-over-a-users-file", ["export", "{run20}", "--format", "torchscript", "--out",
+                                  "{out}/" + SENTINEL], ["already exists", "new file name"],
+     "out"),
+    ("export-hf-into-a-users-directory", ["export", "{run20}", "--format", "hf", "--out",
+                                          "{target}"],
+     ["holds files that are not an earlier export", "README.md"], "proj"),
+    *[(f"{cmd}-out-empty", [cmd, *args, "--out", ""], ["--out ''", "names no"], None)
+      for cmd, args in (("train", ["--model", "resnet8", *S]),
+                        ("search", ["--model", "resnet8", "--flops-ratio", "0.5", *S]),
+                        ("prune", ["--quiet"]), ("export", ["{run20}", "--format", "onnx"]))],
+    ("export-hf-out-empty", ["export", "{run20}", "--format", "hf", "--out", ""],
+     ["--out ''", "names no directory"], None),
+    # damaged weights never evaluate
+    ("eval-damaged-weights", ["eval", "{damagedweights}", "--data", "demo", "--no-latency",
+                              "--quiet"], ["no longer match the digest", "copy it again"],
+     None),
+    ("export-damaged-weights", ["export", "{target}", "--format", "onnx"],
+     ["no longer match the digest"], "damagedweights"),
+    # a network of your own: every fault of its file is one line
+    ("own-model-syntax-error", ["flops", "{syntaxfile}:net"],
+     ["syntax_error.py cannot be loaded (line 1)"], None),
+    ("own-model-missing-import", ["flops", "{importfile}:net"],
+     ["needs_torchvision.py cannot be loaded", "No module named 'torchvision_is_not_here'"],
+     None),
+    ("own-model-factory-raises", ["flops", "{factories}:raises"],
+     ["the factory raised", "my factory is broken"], None),
+    ("own-model-factory-type-error", ["flops", "{factories}:type_error_inside"],
+     ["the factory raised", "argument"], None),
+    ("own-model-returns-a-dict", ["flops", "{factories}:returns_dict"],
+     ["returned a dict, not an nn.Module"], None),
+    ("own-model-wrong-classes", ["train", "--model", "{factories}:five_classes", *T, "--out",
+                                 "{out}"], ["gives 5 outputs per image", "10 classes"], "out"),
+    ("own-model-ignores-num-classes", ["train", "--model", "{factories}:ignores_classes", *T,
+                                       "--out", "{out}"],
+     ["gives 1000 outputs per image", "num_classes="], "out"),
+    ("own-model-nan-weights", ["search", "--model", "tasprune.models.zoo:concat_net",
+                               "--weights", "{nanweights}", "--flops-ratio", "0.5", *T,
+                               "--out", "{out}"], ["nan.pth: fc.weight holds NaN"], "out"),
+    ("own-model-pickled-objects", ["search", "--model", "tasprune.models.zoo:concat_net",
+                                   "--weights", "{pickleweights}", "--flops-ratio", "0.5", *T,
+                                   "--out", "{out}"],
+     ["objects.pth: holds Python objects besides tensors", "never unpickles"], "out"),
+    # checked before the first epoch
+    ("train-logs-not-writable", ["train", "--model", "resnet8", *S, "--log", "csv", "--out",
+                                 "{target}"], ["log:", "logs cannot be written"], "logs_file"),
+    ("train-absurd-resolution", ["train", "--model", "resnet8", "--data",
+                                 "folder:{bad_train},resolution=100000", "--epochs", "1",
+                                 "--out", "{out}"],
+     ["resolution=100000", "GiB as float32", "1 to 4096"], "out"),
+    ("train-seed-too-large", ["train", "--model", "resnet8", *S, "--seed",
+                              str(2**64), "--out", "{out}"],
+     ["seed must be an integer in [0, 2**63)"], "out"),
+    ("search-seed-too-large", ["search", "--model", "resnet8", "--flops-ratio", "0.5", *S,
+                               "--seed", str(2**64), "--out", "{out}"],
+     ["seed =", "[0, 2**63)"], "out"),
+    ("prune-empty-recipe", ["prune", "--config", "{recipe_empty}", "--out", "{out}"],
+     ["empty.yaml: the recipe holds no settings"], "out"),
+    ("prune-duplicate-key", ["prune", "--config", "{recipe_duplicate}", "--out", "{out}"],
+     ["duplicate.yaml", "key 'model' given twice", "line 2"], "out"),
     # --resume with nothing to resume
     ("train-resume-nothing", ["train", "--model", "resnet8", *S, "--resume", "--out", "{out}"],
      ["has no train.pt to resume", "run without --resume"], "out"),
@@ -462,7 +589,7 @@ CASES = [
 
 @pytest.mark.parametrize("argv, fragments, out", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line(files, tmp_path, capsys, argv, fragments, out):
+def test_bad_input_is_one_clear_line(files, tmp_path, capsys, request, argv, fragments, out):
     paths = dict(files, out=str(tmp_path / "out"), missing=str(tmp_path / "missing/x/run"),
                  target=str(tmp_path / "target"))
     (tmp_path / "out").mkdir()
@@ -483,6 +610,7 @@ def test_bad_input_is_one_clear_line(files, tmp_path, capsys, argv, fragments, o
         status = exc.code
 
     captured = capsys.readouterr()
+    SEEN[request.node.callspec.id] = captured.err
     command = argv[0]
     assert status == 2, captured.err
     assert "Traceback" not in captured.out + captured.err
@@ -511,3 +639,52 @@ def test_bad_image_in_a_decoding_worker_reaches_the_terminal_as_one_line(files, 
     assert lines == [f"tasprune train: error: {files['bad_train']}/train/a/1.png: cannot read "
                      "image (cannot identify image file "
                      f"'{files['bad_train']}/train/a/1.png'); remove or replace the file"]
+
+
+# docs/errors.md in step with the code ---------------------------------------------------
+_PATHLIKE = re.compile(r"\S*/\S*|\S+\.(?:json|yaml|py|pt|pth|safetensors|config|png|onnx|pt2|md|"
+                       r"txt)\b\S*")
+
+
+def _doc_rows() -> list[tuple[str, list[list[str]], bool]]:
+    """(row text, its messages as lists of fixed fragments, whether it opts out) per table
+    row of docs/errors.md. A message is a code span of the third column (a row may show
+    several, from several cases), cut at "...", paths and file names (the page shortens
+    them); fragments under 12 characters are dropped."""
+    rows = []
+    for line in ERRORS_MD.read_text().splitlines():
+        cells = line.split(" | ")
+        if not line.startswith("| ") or len(cells) < 3 or line.startswith("| You give"):
+            continue
+        spans = []
+        for span in " | ".join(cells[2:]).split("`")[1::2]:
+            pieces = [piece.strip(" ,;:()'\"") for part in span.split("...")
+                      for piece in _PATHLIKE.split(part)]
+            if any(len(p) >= 12 for p in pieces):
+                spans.append([p for p in pieces if len(p) >= 12])
+        rows.append((line, spans, "<!-- not run:" in line))
+    return rows
+
+
+def test_every_message_of_docs_errors_md_is_what_the_code_says(files, tmp_path_factory,
+                                                                 capsys):
+    """Each row's message, but for the parts the page shortens, is on the stderr of one
+    case of the table above (cases not run yet in this session are run here)."""
+    for case in CASES:
+        if case[0] not in SEEN:
+            tmp = tmp_path_factory.mktemp("doc_case")
+            paths = dict(files, out=str(tmp / "out"), missing=str(tmp / "missing/x/run"),
+                         target=str(tmp / "target"))
+            (tmp / "out").mkdir()
+            if case[3] in files and case[3] not in ("afile",):
+                shutil.copytree(files[case[3]], tmp / "target")
+            try:
+                cli.main([a.format(**paths) for a in case[1]])
+            except SystemExit:
+                pass
+            SEEN[case[0]] = capsys.readouterr().err
+    errors = list(SEEN.values())
+    drifted = [line for line, spans, opted_out in _doc_rows() if not opted_out
+               and not all(any(all(f in err for f in span) for err in errors)
+                           for span in spans)]
+    assert not drifted, "rows of docs/errors.md no case prints:\n" + "\n".join(drifted)

@@ -119,11 +119,15 @@ def test_random_resized_crop_box_stays_inside(size):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_unreadable_image_names_the_file(tmp_path, workers):
     make_folder(tmp_path)
-    bad = tmp_path / "val" / "cat" / "broken.jpg"
+    bad = tmp_path / "train" / "cat" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     bundle = load_folder(tmp_path, resolution=8, workers=workers)
     with pytest.raises(DataError, match=r"broken.jpg: cannot read image"):
-        list(bundle.test.batches(3))
+        list(bundle.train.batches(3))
+    # in the evaluation split, it is found when the data is loaded, before any training
+    bad.rename(tmp_path / "val" / "cat" / "broken.jpg")
+    with pytest.raises(DataError, match=r"val/cat/broken.jpg: cannot read image"):
+        load_folder(tmp_path, resolution=8, workers=workers)
 
 
 def test_folder_errors(tmp_path):

@@ -44,16 +44,28 @@ def test_kinds_of_run_directories(tmp_path):
                 check_kind(d, other)
 
 
-def test_export_never_overwrites_a_run_file(tmp_path):
+def test_export_replaces_only_its_own_earlier_export(tmp_path):
     (tmp_path / "model.safetensors").write_text("x")
     for name in ("model.safetensors", "train.pt", "shape.json", "metrics.jsonl"):
-        with pytest.raises(ValueError, match="would destroy the run"):
-            check_export_target(tmp_path, tmp_path / name)
+        with pytest.raises(ValueError, match="would confuse the run|being exported|exists"):
+            check_export_target(tmp_path, tmp_path / name, "model.onnx")
     weights = tmp_path / "model.safetensors"
-    with pytest.raises(ValueError, match="would destroy the run"):
-        check_export_target(weights, weights)
-    check_export_target(tmp_path, tmp_path / "model.onnx")
-    check_export_target(tmp_path, tmp_path / "elsewhere" / "train.pt")
+    with pytest.raises(ValueError, match="being exported"):
+        check_export_target(weights, weights, "model.onnx")
+    check_export_target(tmp_path, tmp_path / "model.onnx", "model.onnx")
+    (tmp_path / "model.onnx").write_text("an earlier export")
+    check_export_target(tmp_path, tmp_path / "model.onnx", "model.onnx")
+    with pytest.raises(ValueError, match="already exists"):  # not this format's file
+        check_export_target(tmp_path, tmp_path / "model.onnx", "model.pt2")
+    check_export_target(tmp_path, tmp_path / "elsewhere" / "train.pt", "model.onnx")
+    (tmp_path / "mine.onnx").write_text("the user's")
+    with pytest.raises(ValueError, match="already exists"):
+        check_export_target(tmp_path, tmp_path / "mine.onnx", "model.onnx")
+    (tmp_path / "link.onnx").symlink_to(weights)
+    with pytest.raises(ValueError, match="being exported"):
+        check_export_target(tmp_path, tmp_path / "link.onnx", "model.onnx")
+    with pytest.raises(ValueError, match="names no file"):
+        check_export_target(tmp_path, "", "model.onnx")
 
 
 _HOLD = """

@@ -4,7 +4,13 @@ import torch
 from helpers import synthetic_bundle
 from tasprune import Shape, build_model
 from tasprune.data.source import BatchTransform, TensorImages
-from tasprune.training.loop import LoopOptions, evaluate, steps_per_epoch, train_one_epoch
+from tasprune.training.loop import (
+    LoopOptions,
+    evaluate,
+    steps_per_epoch,
+    train_drop_last,
+    train_one_epoch,
+)
 from tasprune.training.optim import WarmupCosine, make_sgd
 
 
@@ -60,6 +66,15 @@ def test_train_one_epoch_steps_the_schedule_per_batch_and_replays_from_its_seed(
     assert results[0] == results[1] and torch.equal(weights[0], weights[1])
     assert set(results[0]) >= {"loss", "task_loss", "kd_loss", "acc", "top5", "lr"}
     assert results[0]["kd_loss"] == 0.0 and results[0]["loss"] == results[0]["task_loss"]
+
+
+def test_a_last_batch_of_one_image_is_dropped():
+    # BatchNorm cannot train on one image: 9 images at batch 8 are one step, not two
+    assert train_drop_last(9, 8) and steps_per_epoch(9, 8) == 1
+    assert not train_drop_last(10, 8) and steps_per_epoch(10, 8) == 2  # a ragged 2 is kept
+    assert train_drop_last(33, 16) and steps_per_epoch(33, 16) == 2
+    assert not train_drop_last(8, 8) and steps_per_epoch(8, 8) == 1
+    assert not train_drop_last(1, 8) and steps_per_epoch(1, 8) == 1
 
 
 def test_bf16_autocast_path_runs_on_cpu():

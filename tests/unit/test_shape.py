@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from helpers import hook_flops
-from tasprune import (Shape, build_model, count_flops, count_params, load_shape, paper_shape,
-                      paper_shape_names)
+from tasprune import (
+    Shape,
+    build_model,
+    count_flops,
+    count_params,
+    load_shape,
+    paper_shape,
+    paper_shape_names,
+)
 from tasprune.models.network import from_view, to_view
 from tasprune.models.shape import PAPER_SHAPES_DIR
 

@@ -95,29 +95,30 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tasprune.export import EXPORT_FORMATS, export_model, load_model
-    from tasprune.rundir import check_export_target, run_kind
+    from tasprune.rundir import check_export_target
 
     model = load_model(args.path, factory=args.model)
     path = Path(args.path)
     if args.format == "hf":
         from tasprune.hub import run_card_inputs, save_pretrained
 
+        if args.out is not None and not args.out.strip():
+            raise UserError("--out '' names no directory; give one, e.g. --out hub")
         out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "hub"
-        if out.resolve() == (path if path.is_dir() else path.parent).resolve():
-            raise UserError(f"--out {out} is the run directory itself; give a new directory")
-        if run_kind(out) is not None and not (out / "config.json").is_file():
-            raise UserError(f"--out {out} holds a `tasprune {run_kind(out)}` run; give a new "
-                            "directory (or an earlier hf export to replace)")
         summary, settings = run_card_inputs(path if path.is_dir() else path.parent)
-        save_pretrained(model, out, summary=summary, settings=settings)
+        try:
+            save_pretrained(model, out, summary=summary, settings=settings)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         print(f"wrote {out}/ (model.safetensors, shape.json, config.json, README.md)")
         return 0
-    out = Path(args.out) if args.out else (
-        (path if path.is_dir() else path.parent) / EXPORT_FORMATS[args.format])
-    check_export_target(path, out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file name, e.g. "
-                        f"{out / EXPORT_FORMATS[args.format]}")
+    default = EXPORT_FORMATS[args.format]
+    out = Path(args.out) if args.out is not None else (
+        (path if path.is_dir() else path.parent) / default)
+    try:
+        check_export_target(path, args.out if args.out is not None else out, default)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if not out.absolute().parent.is_dir():
         raise UserError(f"output file parent {out.absolute().parent} does not exist; create it "
                         "first or choose another --out")

@@ -80,8 +80,8 @@ def cmd_search(args: argparse.Namespace) -> int:
           f"{flops_target}, params {fmt_count(result.params)}"
           + (f"; of the unpruned net: {costs} ({band} the band)" if costs else ""))
     if result.adjusted and result.argmax_flops is not None:
-        print(f"the most probable shape ({result.argmax_flops / result.full_flops:.3f} of the "
-              "FLOPs) was outside the band: the shape was moved into it, to the in-band shape "
-              "closest to the learned distributions")
+        print(f"the most probable shape ({result.argmax_flops / result.full_flops:.4f} of the "
+              "FLOPs) was moved to the shape closest to the learned distributions that is in "
+              f"the band and uses the budget ({result.flops / result.full_flops:.4f})")
     print(f"wrote {args.out}/shape.json (the shape), metrics.jsonl, search.pt")
     return 0

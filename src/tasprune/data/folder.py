@@ -35,6 +35,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_FRACTION = 0.875
 EVAL_SPLITS = ("val", "test")
+MAX_RESOLUTION = 4096  # 3 x 4096 x 4096 float32 is 201 MB per image already
 Box = tuple[float, float, float, float]
 
 
@@ -231,6 +232,22 @@ def _scan(directory: Path, classes: list[str], quiet: bool) -> tuple[list[Path],
     return paths, labels
 
 
+def _check_headers(paths: list[Path], quiet: bool) -> None:
+    """Refuse a split holding a file Pillow does not open as an image, before any training
+    (reads the headers only: a file damaged past its header fails when it is decoded)."""
+    bad: list[tuple[Path, str]] = []
+    for path in progress(paths, desc="check images", quiet=quiet or len(paths) < 5000):
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            bad.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0][0]}: cannot read image ({bad[0][1]}){more}; remove or "
+                        "replace the file")
+
+
 def load_folder(root: str | os.PathLike[str], resolution: int = 224, workers: int | None = None,
                 quiet: bool = True) -> DataBundle:
     """An ImageNet-layout folder (`train/<class>/`, `val/<class>/`) as a bundle.
@@ -239,6 +256,11 @@ def load_folder(root: str | os.PathLike[str], resolution: int = 224, workers: in
     passes and decode `PREFETCH_BATCHES` batches ahead each, into pinned memory when
     CUDA is present.
     """
+    if not 1 <= resolution <= MAX_RESOLUTION:
+        need = 3 * 4 * resolution**2
+        raise DataError(f"resolution={resolution}: one image at that size is "
+                        f"{need / 2**30:.3g} GiB as float32; give 1 to {MAX_RESOLUTION} (224 "
+                        "for ImageNet-sized networks)")
     root = require_dir(Path(root), "image folder dataset with train/ and val/ inside")
     train_dir = require_dir(root / "train", "training images, one folder per class")
     eval_dir = next((root / s for s in EVAL_SPLITS if (root / s).is_dir()), None)
@@ -268,6 +290,8 @@ def load_folder(root: str | os.PathLike[str], resolution: int = 224, workers: in
         if not paths:
             raise DataError(f"{directory}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in its "
                             "class folders")
+        if directory is eval_dir:
+            _check_headers(paths, quiet)
         splits.append(FolderImages(paths, torch.tensor(labels, dtype=torch.int64), resolution,
                                    workers))
     return DataBundle(

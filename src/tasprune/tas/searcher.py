@@ -74,7 +74,7 @@ class SearchResult:
     tolerance_flops: float
     epochs: int
     out_dir: Path
-    adjusted: bool = False  # the argmax shape was outside the band and was moved into it
+    adjusted: bool = False  # the argmax shape was moved (into the band, or to use the budget)
     argmax_flops: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
     # every budget's name -> (the shape's cost, the target), fractions of the unpruned cost

@@ -180,8 +180,9 @@ def _means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
 
 def train_drop_last(n: int, batch_size: int) -> bool:
     """Training drops a ragged last batch once there are two full ones (a batch of a
-    few images gives noisy BatchNorm statistics)."""
-    return n >= 2 * batch_size
+    few images gives noisy BatchNorm statistics), and a last batch of one image always
+    (BatchNorm cannot train on one)."""
+    return n >= 2 * batch_size or (n > batch_size and n % batch_size == 1)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
