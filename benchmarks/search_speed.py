@@ -13,7 +13,10 @@ the same batch size, as tasprune's trainer runs it on CPU (NCHW).
 alternating rounds so machine noise hits each; the ratios of their medians are
 printed as one JSON line per model. With `--amp bf16|fp16` (on CUDA: `--device cuda`)
 the default search step is also timed under that mixed precision (`search_amp_img_per_s`,
-`amp_speedup` over the fp32 search step).
+`amp_speedup` over the fp32 search step). `search_ops`, `paper_ops` and `plain_ops` are
+the aten operations one step dispatches (forward, backward and optimiser, counted with
+TorchDispatchMode after the warm-up step): what each step costs in kernel launches on a
+GPU, whatever the batch.
 
     python benchmarks/search_speed.py --model resnet20 resnet56 --batch 128 --threads 2
     python benchmarks/search_speed.py --model resnet56 --batch 256 --device cuda --amp bf16
@@ -29,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tasprune import ModelSpec, build_model
 from tasprune.models.network import full_network
@@ -43,6 +47,25 @@ def _time(fn: Callable[[], None], steps: int) -> float:
     for _ in range(steps):
         fn()
     return time.perf_counter() - start
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], None]) -> int:
+    """The aten operations one call of `fn` dispatches."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.count
 
 
 def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolution: int,
@@ -107,6 +130,7 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
                                                        seed=seed), kd=True, amp=amp)
     for fn in steps_of.values():  # warm-up (allocator, oneDNN caches)
         fn()
+    ops = {name: count_ops(steps_of[name]) for name in ("plain", "search", "paper")}
 
     def timed(fn: Callable[[], None]) -> float:
         if dev.type == "cuda":
@@ -137,6 +161,8 @@ def bench(model: str, batch: int, steps: int, rounds: int, tau: float, resolutio
         "ratio": round(ips["search"] / ips["plain"], 3),
         "round_ratios": [round(2 * p / s, 3) for p, s in zip(seconds["plain"],
                                                              seconds["search"], strict=True)],
+        "search_ops": ops["search"], "plain_ops": ops["plain"], "paper_ops": ops["paper"],
+        "ops_ratio": round(ops["search"] / ops["plain"], 2),
         "paper_img_per_s": round(ips["paper"], 1),
         "ratio_paper": round(ips["paper"] / ips["plain"], 3),
         "plain_cl_img_per_s": round(ips["plain_cl"], 1), "ratio_vs_channels_last": round(
