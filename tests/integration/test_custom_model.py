@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import synthetic_bundle
-from tasprune import load_model, load_pruned_model, prune_model
+from tasprune import ModelSpec, load_model, load_pruned_model, prune_model
 from tasprune.cli import main
 from tasprune.models.registry import load_factory
 from tasprune.net.surgery import shape_of
@@ -203,3 +203,17 @@ def test_a_torchvision_style_factory_on_gray_data(tmp_path, capsys, monkeypatch)
 
 
 DATA = synthetic_bundle(classes=3, size=16)
+
+
+def test_a_factory_is_seeded_before_it_is_called():
+    """Issue 26: the same seed gives the same initial weights, whatever the global RNG."""
+    from tasprune.models.network import full_network
+
+    spec = ModelSpec("tasprune.models.zoo:concat_net", 10, 1, 28)
+    states = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        states.append(full_network(spec, seed=0)[0].state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    other = full_network(spec, seed=1)[0].state_dict()
+    assert not all(torch.equal(states[0][k], other[k]) for k in states[0])

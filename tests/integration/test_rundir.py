@@ -159,6 +159,10 @@ def test_read_only_and_permission_errors_are_one_line(tmp_path, monkeypatch, cap
     err = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / "model.onnx"))
     assert os_error_line(err) == (f"{tmp_path}/run/model.onnx: the file system is read-only; "
                                   "choose an --out on a writable one")
+    # a command without --out (report) says what to do instead
+    assert os_error_line(err, has_out=False) == (
+        f"{tmp_path}/run/model.onnx: the file system is read-only (this command writes into "
+        "the run: copy the run somewhere writable first)")
     run = tmp_path / "run"
     save_pruned(run, build_model(Shape.full("resnet8")))
 
