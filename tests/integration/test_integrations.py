@@ -171,7 +171,7 @@ def test_export_cli_pt2_and_hf(tmp_path, capsys):
     other.mkdir()
     (other / "train.pt").write_text("a checkpoint")
     assert main(["export", str(run), "--format", "hf", "--out", str(other)]) == 2
-    assert "holds a `tasprune train` run" in capsys.readouterr().err
+    assert "not an earlier export" in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["train.pt"]
 
 
